@@ -1,0 +1,334 @@
+"""The Python API: create a store, ingest, train, sample, report status.
+
+    from cdm import api
+    store = api.init_store("my-store")
+    api.ingest(store, "digits", api.load_builtin("digits"), "iid:4")
+    api.train(store, paragon=True)
+    out = api.sample(store, n=8, label="3", router="ito")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+
+from .compose import (ROUTERS, ClassifierRouter, ItoRouter, Mixture, SampleResult, UniformRouter, make_scheduler,
+                      sample as run_sampler, unet_denoiser)
+from .data import DataError, load_builtin, load_folder, to_uint8_images  # noqa: F401 (re-exported)
+from .ingest import IngestResult, ingest  # noqa: F401 (re-exported)
+from .models import RouterNet, default_preset, unet_config
+from .store import PARAGON, ROUTER, Store, StoreConfig, StoreError, file_digest
+from .train import WEIGHTS, Progress, RouterConfig, TrainConfig, TrainJob, TrainResult, train_job
+
+
+def init_store(path: str | Path, image_size: int = 8, channels: int = 1, seed: int = 0, slices: int = 4,
+               max_labels: int = 16, train: TrainConfig | None = None, router: RouterConfig | None = None) -> Store:
+    """Create a store; the training recipe is saved in it so every model is built the same way."""
+    store = Store.init(path, StoreConfig(image_size, channels, seed, slices, max_labels))
+    train = train or TrainConfig(preset=default_preset(image_size))
+    unet_config(train.preset, image_size, channels, max_labels)  # fail now, not at train time
+    with store.tx() as db:
+        store.set_meta(db, "train", asdict(train))
+        store.set_meta(db, "router", asdict(router or RouterConfig()))
+    return store
+
+
+def train_config(store: Store) -> TrainConfig:
+    return TrainConfig(**store.get_meta("train"))
+
+
+def router_config(store: Store) -> RouterConfig:
+    return RouterConfig(**store.get_meta("router"))
+
+
+def model_seed(store: Store, name: str) -> int:
+    """Seed of one model: a pure function of the store seed and the model's name."""
+    return int.from_bytes(hashlib.sha256(f"model\x1f{store.config.seed}\x1f{name}".encode()).digest()[:8], "big") >> 1
+
+
+def null_label(store: Store) -> int:
+    return store.config.max_labels
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+def build_job(store: Store, name: str, load_pixels: bool = True) -> TrainJob:
+    """The self-contained job for a compartment, the paragon, or the classifier router."""
+    cfg, null = store.config, null_label(store)
+    if name == ROUTER:
+        comps = [c for c, n in sorted(store.counts().items()) if n > 0]
+        rows = sorted((r for r in store.items() if r.compartment in comps), key=lambda r: (r.compartment, r.hash))
+        t, rc = train_config(store), router_config(store)
+        model = dict(compartments=comps, image_size=cfg.image_size, in_channels=cfg.channels,
+                     num_class_embeds=cfg.max_labels + 1, width=rc.width, num_train_timesteps=t.num_train_timesteps)
+        job = TrainJob(ROUTER, "router", [r.hash for r in rows], [null if r.label is None else r.label for r in rows],
+                       [comps.index(r.compartment) for r in rows], np.zeros((0,), np.uint8), model, rc,
+                       model_seed(store, ROUTER), 1, null, comps,
+                       dict(num_train_timesteps=t.num_train_timesteps, beta_schedule=t.beta_schedule))
+    else:
+        rows = store.items() if name == PARAGON else store.items(name)
+        t = train_config(store)
+        job = TrainJob(name, "paragon" if name == PARAGON else "compartment", [r.hash for r in rows],
+                       [null if r.label is None else r.label for r in rows], [r.slice for r in rows],
+                       np.zeros((0,), np.uint8), unet_config(t.preset, cfg.image_size, cfg.channels, cfg.max_labels),
+                       t, model_seed(store, name), cfg.slices, null)
+    if load_pixels and job.hashes:
+        job.pixels = np.stack([store.read_item(h) for h in job.hashes])
+    return job
+
+
+def model_state(store: Store, name: str) -> str:
+    """'missing' (no model), 'stale' (trained on other items or another recipe) or 'ready'."""
+    row = store.model(name)
+    if row is None:
+        return "missing"
+    return "ready" if row.spec == build_job(store, name, load_pixels=False).spec else "stale"
+
+
+def plan(store: Store, compartments: list[str] | None = None, paragon: bool = False,
+         router: bool | None = None) -> list[str]:
+    """Names of the models that `train` would (re)train, in training order."""
+    counts = store.counts()
+    names = store.require_compartments(compartments) if compartments else sorted(store.compartments())
+    empty = [n for n in names if counts.get(n, 0) == 0]
+    if compartments and empty:
+        raise StoreError(f"compartment(s) {', '.join(empty)} hold no items; nothing to train")
+    todo = [n for n in names if counts.get(n, 0) and model_state(store, n) != "ready"]
+    if paragon and counts and model_state(store, PARAGON) != "ready":
+        todo.append(PARAGON)
+    if router is None:
+        router = not compartments
+    if router and sum(1 for n in counts.values() if n) >= 2 and model_state(store, ROUTER) != "ready":
+        todo.append(ROUTER)
+    return todo
+
+
+def train(store: Store, compartments: list[str] | None = None, paragon: bool = False, router: bool | None = None,
+          steps: int | None = None, device: str = "cpu", progress: Progress | None = None,
+          actor: str | None = None) -> list[TrainResult]:
+    """Train every compartment without an up-to-date model (or the named ones), and optionally
+    the paragon and the classifier router. Interrupted work resumes from its last checkpoint."""
+    if steps is not None:
+        if steps < 1:
+            raise StoreError(f"steps must be >= 1, got {steps}")
+        if steps != train_config(store).steps:
+            with store.tx() as db:
+                store.set_meta(db, "train", asdict(replace(train_config(store), steps=steps)))
+                store.log(db, "config", {"train.steps": steps}, actor)
+    results = []
+    for name in plan(store, compartments, paragon, router):
+        results.append(run_job(store, build_job(store, name), device, progress, actor))
+    return results
+
+
+def run_job(store: Store, job: TrainJob, device: str = "cpu", progress: Progress | None = None,
+            actor: str | None = None) -> TrainResult:
+    """Run one job (locally) and install its model atomically."""
+    out = store.new_model_dir(job.name)
+    try:
+        res = train_job(job, out, store.root / "checkpoints" / job.name, store.root / "work" / job.name,
+                        device, progress)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    info = dict(items=res.items, steps=job.train.steps, seconds=round(res.seconds, 3), final_loss=res.final_loss,
+                resumed_from=res.resumed_from, classes=job.classes)
+    row = store.install_model(job.name, job.kind, job.spec, out, WEIGHTS, info,
+                              event=dict(items=res.items, steps_run=res.steps, resumed_from=res.resumed_from))
+    res.out_dir = store.root / row.path
+    return res
+
+
+# --- sampling ---------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: list[str | None]
+    compartments: list[str]  # composed compartments, in weight-column order
+    attribution: np.ndarray | None  # (N, K) trajectory-averaged router weights
+    final: np.ndarray | None  # (N, K) weights at the end of sampling
+    trace: np.ndarray | None  # (steps, N, K) weights at every step
+    router: str | None
+
+    def records(self, files: list[str] | None = None) -> list[dict]:
+        out = []
+        for i, lab in enumerate(self.labels):
+            r = {"index": i, "label": lab}
+            if files:
+                r["file"] = files[i]
+            if self.attribution is not None:
+                r["attribution"] = {c: round(float(w), 6) for c, w in zip(self.compartments, self.attribution[i])}
+                r["final"] = {c: round(float(w), 6) for c, w in zip(self.compartments, self.final[i])}
+            out.append(r)
+        return out
+
+
+def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
+    """Load one live model, checking its weights against the registry digest."""
+    row = store.model(name)
+    if row is None:
+        raise StoreError(f"compartment {name!r} is not trained; run `cdm train`")
+    folder = store.root / row.path
+    try:
+        ok = file_digest(folder / WEIGHTS) == row.digest
+    except OSError:
+        ok = False
+    if not ok:
+        raise StoreError(f"model files of {name!r} ({folder}) are missing or corrupted; retrain with `cdm train`")
+    return UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+
+
+def sample(store: Store, n: int, label: str | list[str] | None = None, allow: list[str] | None = None, router: str = "ito",
+           steps: int = 50, guidance: float = 2.0, seed: int = 0, sampler: str = "ddpm", device: str = "cpu",
+           paragon: bool = False, batch_size: int = 256, callback=None) -> Generation:
+    """Sample n images from the composition of `allow` (default: every compartment).
+
+    `label` is one label for all samples, a list with one per sample, or None (unconditional).
+
+    Only models of composed compartments are opened (architecture.md, invariant 4).
+    """
+    if n <= 0:
+        raise StoreError(f"n must be positive, got {n}")
+    if router not in ROUTERS:
+        raise StoreError(f"unknown router {router!r}; available: {', '.join(ROUTERS)}")
+    if guidance < 0 or not math.isfinite(guidance):
+        raise StoreError(f"guidance must be a finite number >= 0, got {guidance}")
+    labels = store.labels()
+    per_sample = [label] * n if label is None or isinstance(label, str) else list(label)
+    if len(per_sample) != n:
+        raise StoreError(f"got {len(per_sample)} labels for n={n} samples")
+    if any(lab is None for lab in per_sample) and not all(lab is None for lab in per_sample):
+        raise StoreError("give a label for every sample, or for none")
+    unknown = sorted({lab for lab in per_sample if lab is not None and lab not in labels})
+    if unknown:
+        raise StoreError(f"unknown label(s) {', '.join(map(repr, unknown))}; the store has: "
+                         f"{', '.join(labels) or 'no labels'}")
+    lids = None if per_sample[0] is None else [labels[lab] for lab in per_sample]
+    if paragon:
+        names = [PARAGON]
+        if model_state(store, PARAGON) != "ready":
+            raise StoreError("the paragon is not trained or out of date; run `cdm train --paragon`")
+    else:
+        names = store.require_compartments(allow) if allow is not None else sorted(store.compartments())
+        if not names:
+            raise StoreError("nothing to compose: the allowed set of compartments is empty")
+        for c in names:
+            state = model_state(store, c)
+            if state != "ready":
+                raise StoreError(f"compartment {c!r} is {'not trained' if state == 'missing' else 'out of date'}; "
+                                 f"run `cdm train`")
+    hist = store.label_counts()
+    for lab in sorted(set(per_sample) - {None}):
+        if not any(hist.get(c, {}).get(labels[lab], 0) for c in (names if not paragon else hist)):
+            raise StoreError(f"label {lab!r} is in none of the composed compartments ({', '.join(names)})")
+
+    dev = torch.device(device)
+    unets = [load_unet(store, c, device) for c in names]
+    sched_conf = _scheduler_config(store, names[0])
+    make_scheduler(sched_conf, sampler)  # validates the sampler name before any work
+    comp_router = None
+    if not paragon:
+        comp_router = {"uniform": UniformRouter, "ito": ItoRouter}.get(router)
+        comp_router = comp_router() if comp_router else _classifier(store, names, device)
+        if comp_router.stochastic_only and sampler != "ddpm":
+            raise StoreError(f"router {router!r} needs the stochastic ddpm sampler, not {sampler!r}; "
+                             f"use --sampler ddpm or --router classifier")
+    null = null_label(store)
+    cfg = store.config
+    gen = torch.Generator().manual_seed(seed)
+    noise_all = torch.randn((n, cfg.channels, cfg.image_size, cfg.image_size), generator=gen)
+    images, att, fin, trace = [], [], [], []
+    for s in range(0, n, batch_size):
+        noise = noise_all[s:s + batch_size].to(dev)
+        b = noise.shape[0]
+        y = None if lids is None else torch.tensor(lids[s:s + b], dtype=torch.long, device=dev)
+        if paragon:
+            den = unet_denoiser(unets[0])
+        else:
+            cond = None if lids is None else torch.cat([_log_prior(hist, names, c, 1) for c in lids[s:s + b]])
+            uncond = _log_prior(hist, names, None, b)
+            two = lids is not None and guidance != 1.0
+            prior = torch.cat([cond, uncond]) if two else (cond if cond is not None else uncond)
+            den = Mixture([unet_denoiser(u) for u in unets], comp_router, prior.to(dev))
+        with torch.inference_mode():
+            res: SampleResult = run_sampler(den, make_scheduler(sched_conf, sampler), noise, y, null,
+                                            guidance, steps, gen, callback)
+        images.append(to_uint8_images(res.images.float().cpu().numpy()))
+        if res.weights is not None:
+            att.append(res.attribution.numpy())
+            fin.append(res.final.double().numpy())
+            trace.append(res.weights.numpy())
+    cat = (lambda xs, ax=0: np.concatenate(xs, axis=ax) if xs else None)
+    return Generation(np.concatenate(images), per_sample, names, cat(att), cat(fin), cat(trace, 1),
+                      None if paragon else router)
+
+
+def _scheduler_config(store: Store, name: str) -> dict:
+    from diffusers import DDPMScheduler
+
+    return dict(DDPMScheduler.load_config(store.model_dir(name)))
+
+
+def _log_prior(hist: dict, names: list[str], lid: int | None, rows: int) -> torch.Tensor:
+    """log pi_i per row: pi_i ~ n_i (unconditional) or n_{i,c} (label c); -inf where zero."""
+    counts = torch.tensor([float(sum(hist.get(c, {}).values()) if lid is None else hist.get(c, {}).get(lid, 0))
+                           for c in names], dtype=torch.float64)
+    lp = torch.where(counts > 0, torch.log(counts / counts.sum()), -torch.inf)
+    return lp.expand(rows, -1).clone()
+
+
+def _classifier(store: Store, names: list[str], device: str) -> ClassifierRouter:
+    state = model_state(store, ROUTER)
+    if state != "ready":
+        raise StoreError(f"the classifier router is {'not trained' if state == 'missing' else 'stale (the data changed)'}"
+                         f"; run `cdm train`, or use --router ito")
+    row = store.model(ROUTER)
+    folder = store.root / row.path
+    if file_digest(folder / WEIGHTS) != row.digest:
+        raise StoreError(f"classifier router files ({folder}) are corrupted; retrain with `cdm train`")
+    net = RouterNet.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+    classes = list(net.config.compartments)
+    return ClassifierRouter(net, [classes.index(c) for c in names])
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+def status(store: Store) -> dict:
+    cfg = store.config
+    counts, hist, names = store.counts(), store.label_counts(), store.label_names()
+    comps = {}
+    for c, src in store.compartments().items():
+        row = store.model(c)
+        comps[c] = dict(source=src, items=counts.get(c, 0), model=model_state(store, c),
+                        digest=row.digest if row else None,
+                        labels={("-" if k is None else names[k]): v for k, v in sorted(hist.get(c, {}).items(),
+                                                                                       key=lambda kv: (kv[0] is None, kv[0] or 0))})
+    models = {}
+    for special in (PARAGON, ROUTER):
+        row = store.model(special)
+        models[special] = dict(state=model_state(store, special) if counts else "missing",
+                               digest=row.digest if row else None)
+    hist_all: dict[str, int] = {}
+    for c in hist.values():
+        for k, v in c.items():
+            key = "-" if k is None else names[k]
+            hist_all[key] = hist_all.get(key, 0) + v
+    return dict(store=str(store.root), config=asdict(cfg), train=asdict(train_config(store)),
+                sources=store.sources(), items=sum(counts.values()), labels=hist_all, compartments=comps,
+                paragon=models[PARAGON], router=dict(
+                    **models[ROUTER],
+                    note="the classifier router is trained on every compartment's data: a restricted composition "
+                         "using it still reads a network fit to compartments outside the allowed set; "
+                         "the ito router holds no data"))

@@ -1,0 +1,223 @@
+"""The `cdm` command: thin wrappers over `cdm.api` that print with rich, or JSON with --json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import api
+from .data import BUILTINS, DataError, load_builtin, load_folder
+from .ingest import resize_items
+from .store import Store, StoreError
+
+app = typer.Typer(help="Compartmentalized Diffusion Models: one diffusion model per data compartment, "
+                       "composed at sampling time.", no_args_is_help=True, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(msg: str) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _errors():
+    try:
+        yield
+    except (DataError, StoreError, ValueError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted; run the same command again to resume[/]")
+        raise typer.Exit(130)
+
+
+@contextmanager
+def _open(path: Path):
+    with _errors():
+        store = Store.open(path)
+    try:
+        with _errors():
+            yield store
+    finally:
+        store.close()
+
+
+def _emit(obj, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def training_progress(console: Console) -> tuple[Progress, api.Progress]:
+    """A rich progress bar per job with loss and steps/s; returns (progress, callback)."""
+    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]} steps/s"),
+                    TimeRemainingColumn(), console=console)
+    tasks: dict[str, int] = {}
+
+    def cb(name: str, done: int, total: int, loss: float) -> None:
+        if name not in tasks:
+            tasks[name] = prog.add_task(name, total=total, completed=done - 1, loss=loss, rate="-")
+        t = prog.tasks[tasks[name]]
+        prog.update(tasks[name], completed=done, loss=loss, rate=f"{t.speed:.1f}" if t.speed else "-")
+
+    return prog, cb
+
+
+@app.command()
+def init(store: Path, image_size: int = typer.Option(8, help="Image side in pixels."),
+         channels: int = typer.Option(1, help="1 (grey) or 3 (RGB)."),
+         seed: int = typer.Option(0, help="Store seed: fixes assignment, slices and every model's seed."),
+         slices: int = typer.Option(4, help="SISA slices per compartment (checkpoints for fast forgetting)."),
+         max_labels: int = typer.Option(16, help="Largest number of distinct labels the store will hold."),
+         preset: Optional[str] = typer.Option(None, help="Denoiser preset: tiny, small, base (default by size)."),
+         json_out: bool = typer.Option(False, "--json")) -> None:
+    """Create an empty store."""
+    from .models import default_preset
+    from .train import TrainConfig
+
+    with _errors():
+        s = api.init_store(store, image_size, channels, seed, slices, max_labels,
+                           TrainConfig(preset=preset or default_preset(image_size)))
+        st = api.status(s)
+        s.close()
+    _emit({"store": str(store), "config": st["config"], "train": st["train"]}, json_out)
+    if not json_out:
+        out.print(f"created store [bold]{store}[/] ({image_size}x{image_size}x{channels}, seed {seed}, "
+                  f"{slices} slices, preset {st['train']['preset']})")
+
+
+@app.command()
+def ingest(store: Path, source: str = typer.Option(..., help="Name of the data owner's collection."),
+           builtin: Optional[str] = typer.Option(None, help=f"Embedded dataset: {', '.join(BUILTINS)}."),
+           folder: Optional[Path] = typer.Option(None, help="Folder of png/jpg, one sub-folder per label or flat."),
+           split: str = typer.Option("iid:4", help="iid:K, by-class:K or one."),
+           resize: bool = typer.Option(False, help="Convert images of another size or mode."),
+           json_out: bool = typer.Option(False, "--json")) -> None:
+    """Add a source's items to the store, assigning each to a compartment and a slice."""
+    with _open(store) as s:
+        if (builtin is None) == (folder is None):
+            _fail("give exactly one of --builtin NAME or --folder DIR")
+        cfg = s.config
+        if builtin is not None:
+            items = load_builtin(builtin)
+            if resize:
+                items = resize_items(items, cfg.image_size, cfg.channels)
+        else:
+            items = load_folder(folder, cfg.image_size, cfg.channels, resize)
+        r = api.ingest(s, source, items, split)
+    _emit({"added": r.added, "duplicates": r.duplicates, "compartments": r.compartments}, json_out)
+    if not json_out:
+        out.print(f"added {r.added} item(s), skipped {r.duplicates} duplicate(s)")
+        for c, n in r.compartments.items():
+            out.print(f"  {c}: {n} items")
+
+
+@app.command()
+def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, help="Only these (repeatable)."),
+          paragon: bool = typer.Option(False, help="Also train the monolithic baseline on all items."),
+          router: Optional[bool] = typer.Option(None, "--router/--no-router",
+                                                help="Train the classifier router (default: when training all)."),
+          steps: Optional[int] = typer.Option(None, help="Training steps per model (saved as the store's recipe)."),
+          device: str = typer.Option("cpu", help="torch device, e.g. cpu, cuda, cuda:1."),
+          json_out: bool = typer.Option(False, "--json")) -> None:
+    """Train every compartment without an up-to-date model; resumes interrupted work."""
+    with _open(store) as s:
+        prog, cb = training_progress(err)
+        with prog:
+            results = api.train(s, compartment or None, paragon, router, steps, device, cb)
+        rows = [dict(name=r.name, kind=r.kind, items=r.items, steps=r.steps, seconds=round(r.seconds, 2),
+                     steps_per_s=round(r.steps / r.seconds, 2) if r.seconds else None,
+                     final_loss=r.final_loss, resumed_from=r.resumed_from, digest=s.model(r.name).digest)
+                for r in results]
+    _emit(rows, json_out)
+    if not json_out:
+        if not rows:
+            out.print("everything is up to date")
+        t = Table("model", "items", "steps run", "seconds", "steps/s", "final loss", "from", "digest")
+        for r in rows:
+            t.add_row(r["name"], str(r["items"]), str(r["steps"]), f"{r['seconds']:.1f}", str(r["steps_per_s"]),
+                      f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-", r["resumed_from"],
+                      r["digest"][:12])
+        if rows:
+            out.print(t)
+
+
+@app.command()
+def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."),
+           label: Optional[str] = typer.Option(None, help="Class label (default: unconditional)."),
+           allow: Optional[str] = typer.Option(None, help="Comma-separated compartments to compose (default: all)."),
+           router: str = typer.Option("ito", help="classifier, ito or uniform."),
+           sampler: str = typer.Option("ddpm", help="ddpm (ancestral) or ddim (deterministic)."),
+           steps: int = typer.Option(50, help="Sampling steps."),
+           guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none)."),
+           seed: int = typer.Option(0), paragon: bool = typer.Option(False, help="Sample the paragon instead."),
+           out_dir: Path = typer.Option(Path("samples"), "--out", help="Where the PNGs go."),
+           device: str = typer.Option("cpu"), json_out: bool = typer.Option(False, "--json")) -> None:
+    """Sample from a composition of compartments, with per-sample attribution."""
+    from .report import write_samples
+
+    with _open(store) as s:
+        allowed = None if allow is None else [a.strip() for a in allow.split(",") if a.strip()]
+        g = api.sample(s, n, label, allowed, router, steps, guidance, seed, sampler, device, paragon)
+        files, grid = write_samples(g.images, out_dir)
+        recs = g.records(files)
+    _emit({"grid": grid, "compartments": g.compartments, "router": g.router, "samples": recs}, json_out)
+    if not json_out:
+        out.print(f"wrote {n} sample(s) and {grid}")
+        if g.attribution is not None:
+            t = Table("sample", "label", *g.compartments, title="attribution (trajectory-averaged weights)")
+            for r in recs[:20]:
+                t.add_row(str(r["index"]), str(r["label"]), *[f"{w:.3f}" for w in r["attribution"].values()])
+            out.print(t)
+
+
+@app.command()
+def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
+    """Sources, compartments, labels, models and router state."""
+    with _open(store) as s:
+        st = api.status(s)
+    _emit(st, json_out)
+    if json_out:
+        return
+    c = st["config"]
+    out.print(f"[bold]{st['store']}[/]: {c['image_size']}x{c['image_size']}x{c['channels']}, seed {c['seed']}, "
+              f"{c['slices']} slices, {st['items']} items, recipe {st['train']['preset']} x {st['train']['steps']} steps")
+    out.print("sources: " + (", ".join(f"{k} ({v})" for k, v in st["sources"].items()) or "none"))
+    out.print("labels: " + (", ".join(f"{k}:{v}" for k, v in st["labels"].items()) or "none"))
+    t = Table("compartment", "source", "items", "model", "digest", "labels")
+    for name, r in st["compartments"].items():
+        t.add_row(name, r["source"], str(r["items"]), r["model"], (r["digest"] or "-")[:12],
+                  " ".join(f"{k}:{v}" for k, v in r["labels"].items()))
+    out.print(t)
+    out.print(f"paragon: {st['paragon']['state']}   classifier router: {st['router']['state']}")
+    out.print(f"[dim]note: {st['router']['note']}[/]")
+
+
+@app.command()
+def demo(out_dir: Path = typer.Option(Path("cdm-demo"), "--out", help="Store, samples and report.md go here."),
+         quick: bool = typer.Option(False, help="A ~1 minute smoke run with fewer steps."),
+         device: str = typer.Option("cpu"), steps: Optional[int] = typer.Option(None, hidden=True),
+         preset: Optional[str] = typer.Option(None, hidden=True),
+         samples_per_label: Optional[int] = typer.Option(None, hidden=True)) -> None:
+    """The whole story on the embedded digits: ingest, train, compose, attribute, report."""
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick() if quick else DemoConfig()
+    overrides = {k: v for k, v in dict(steps=steps, preset=preset, samples_per_label=samples_per_label).items()
+                 if v is not None}
+    with _errors():
+        report = run_demo(out_dir, cfg.replace(**overrides), device, err)
+    out.print(f"report: [bold]{report}[/]")
+
+
+if __name__ == "__main__":
+    app()

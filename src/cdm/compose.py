@@ -1,0 +1,227 @@
+"""Routers, the mixture denoiser and the samplers: the heart of CDM.
+
+Every denoiser has one calling convention, `denoiser(x, t, labels) -> eps`, with `t` a
+(B,) long tensor of training timesteps and `labels` a (B,) long tensor (the null id for
+unconditional rows). A `Mixture` of denoisers is itself a denoiser:
+
+    eps(x_t, t) = sum_i w_i(x_t, t) eps_i(x_t, t),   w_i = p(compartment i | x_t)
+
+(Golatkar et al. 2023, Eq. 3; derivation in shared/design/mixture-weights.md Sec. 1).
+Routers compute w per row; a stateful router (`ito`) is told each step's outcome through
+`Mixture.observe`. Schedulers come from diffusers; the loop is a small flat function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+SAMPLERS = ("ddpm", "ddim")
+LOG_CLAMP = 50.0  # ito: keep log-weights within this margin of the leader (no effect at float precision)
+
+
+def unet_denoiser(unet) -> Denoiser:
+    """Adapt a diffusers UNet2DModel to the calling convention."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, class_labels=labels).sample
+
+    return eps
+
+
+class Router(Protocol):
+    name: str
+    stochastic_only: bool
+
+    def init(self, log_prior: torch.Tensor) -> torch.Tensor: ...
+
+    def weights(self, state: torch.Tensor, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def update(self, state: torch.Tensor, x: torch.Tensor, x_prev: torch.Tensor, eps: torch.Tensor,
+               alpha_bar: float, alpha_bar_prev: float) -> torch.Tensor: ...
+
+
+class UniformRouter:
+    """Naive averaging over the eligible compartments: the baseline CDM improves on."""
+
+    name, stochastic_only = "uniform", False
+
+    def init(self, log_prior):
+        return torch.where(torch.isfinite(log_prior), 0.0, -torch.inf).to(torch.float64)
+
+    def weights(self, state, x, t, labels):
+        return torch.softmax(state, dim=1)
+
+    def update(self, state, x, x_prev, eps, alpha_bar, alpha_bar_prev):
+        return state
+
+
+class ClassifierRouter:
+    """The CDM paper's router: w = softmax of a noisy-input compartment classifier.
+
+    The classifier was trained on the union of its compartments, so its softmax already
+    carries the priors n_i (or n_{i,c} for a label); a composed subset takes the softmax
+    over that subset's logits, which is the posterior restricted to the subset.
+    """
+
+    name, stochastic_only = "classifier", False
+
+    def __init__(self, net, columns: list[int]):
+        self.net, self.columns = net, columns
+
+    def init(self, log_prior):
+        return torch.where(torch.isfinite(log_prior), 0.0, -torch.inf).to(torch.float64)
+
+    def weights(self, state, x, t, labels):
+        logits = self.net(x, t, labels)[:, self.columns].to(torch.float64)
+        return torch.softmax(logits + state, dim=1)
+
+    def update(self, state, x, x_prev, eps, alpha_bar, alpha_bar_prev):
+        return state
+
+
+class ItoRouter:
+    """Training-free router: track log q_i(x_t) along the trajectory (SuperDiff OR, Skreta et al. 2024).
+
+    Kernel-form update (B) of mixture-weights.md Sec. 2.2, for the stochastic DDPM sampler:
+        dl_i = -||x_{t-1} - mu_i(x_t)||^2 / (2 beta_t),  mu_i = (x_t - beta_t eps_i / sqrt(1 - abar_t)) / sqrt(alpha_t)
+    with l_i(T) = log pi_i and w = softmax(l). Nothing in it was ever fit to data.
+    """
+
+    name, stochastic_only = "ito", True
+
+    def init(self, log_prior):
+        return log_prior.to(torch.float64).clone()
+
+    def weights(self, state, x, t, labels):
+        return torch.softmax(state, dim=1)
+
+    def update(self, state, x, x_prev, eps, alpha_bar, alpha_bar_prev):
+        alpha = alpha_bar / alpha_bar_prev
+        beta = 1.0 - alpha
+        c = 1.0 / (1.0 - alpha_bar) ** 0.5
+        xd, xp, ed = x.to(torch.float64), x_prev.to(torch.float64), eps.to(torch.float64)
+        mu = (xd[:, None] - beta * c * ed) / alpha ** 0.5  # (B, K, ...)
+        dl = -((xp[:, None] - mu) ** 2).flatten(2).sum(-1) / (2.0 * beta)
+        state = state + dl
+        state = state - state.max(dim=1, keepdim=True).values
+        return torch.where(torch.isfinite(state), state.clamp(min=-LOG_CLAMP), state)
+
+
+ROUTERS = ("classifier", "ito", "uniform")
+
+
+class Mixture:
+    """A composition of denoisers that is itself a denoiser: eps = sum_i w_i eps_i.
+
+    `log_prior` (rows, K) holds log pi_i per row, -inf where compartment i is not eligible
+    (e.g. it has no item of that row's label). Call `observe` after each sampler step.
+    """
+
+    def __init__(self, denoisers: list[Denoiser], router: Router, log_prior: torch.Tensor):
+        if log_prior.shape[1] != len(denoisers):
+            raise ValueError(f"log_prior has {log_prior.shape[1]} columns for {len(denoisers)} denoisers")
+        if not torch.isfinite(log_prior).any(dim=1).all():
+            raise ValueError("every row needs at least one eligible compartment")
+        self.denoisers, self.router = denoisers, router
+        self.state = router.init(log_prior)
+        self.last_weights: torch.Tensor | None = None
+        self._last: tuple | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        eps = torch.stack([d(x, t, labels) for d in self.denoisers], dim=1)  # (B, K, C, H, W)
+        w = self.router.weights(self.state, x, t, labels)
+        self.last_weights, self._last = w, (x, eps)
+        wf = w.to(eps.dtype)
+        out = wf[:, 0, None, None, None] * eps[:, 0]
+        for k in range(1, eps.shape[1]):
+            out = out + wf[:, k, None, None, None] * eps[:, k]
+        return out
+
+    def observe(self, x_prev: torch.Tensor, alpha_bar: float, alpha_bar_prev: float) -> None:
+        x, eps = self._last
+        self.state = self.router.update(self.state, x, x_prev, eps, alpha_bar, alpha_bar_prev)
+
+    def final_weights(self) -> torch.Tensor:
+        """Weights after the last observed step (for `ito`, they describe x_0)."""
+        if self.router.stochastic_only:
+            return torch.softmax(self.state, dim=1)
+        return self.last_weights
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # (B, C, H, W) in [-1, 1]
+    weights: torch.Tensor | None  # (steps, B, K): router weights used at each step (conditional rows)
+    final: torch.Tensor | None  # (B, K)
+
+    @property
+    def attribution(self) -> torch.Tensor:
+        """Trajectory-averaged weights per sample (rows sum to 1)."""
+        return self.weights.mean(dim=0)
+
+
+def make_scheduler(config: dict, sampler: str):
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(config)
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(config)
+    raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser | Mixture, scheduler, noise: torch.Tensor, labels: torch.Tensor | None,
+           null_label: int, guidance: float, steps: int, generator: torch.Generator,
+           callback: Callable[[int, int], None] | None = None) -> SampleResult:
+    """DDPM ancestral or DDIM (eta=0) sampling with classifier-free guidance.
+
+    With a label, the denoiser sees the conditional rows and (if guidance != 1) the
+    unconditional rows stacked, and eps = eps_u + g (eps_c - eps_u) (Ho & Salimans 2022).
+    A `Mixture` keeps separate router state for both row sets, as mixture-weights.md
+    Sec. 4 prescribes: CFG on the union-equivalent model.
+    """
+    mixture = denoiser if isinstance(denoiser, Mixture) else None
+    stochastic = isinstance(scheduler, DDPMScheduler)
+    if mixture is not None and mixture.router.stochastic_only and not stochastic:
+        raise ValueError(f"router {mixture.router.name!r} needs the stochastic DDPM sampler "
+                         f"(its density estimate is biased under a deterministic one); use --sampler ddpm "
+                         f"or the classifier router")
+    if steps < 1 or steps > scheduler.config.num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{scheduler.config.num_train_timesteps}, got {steps}")
+    b, dev = noise.shape[0], noise.device
+    null = torch.full((b,), null_label, dtype=torch.long, device=dev)
+    if labels is None:
+        rows, cfg = null, False
+    elif guidance == 1.0:
+        rows, cfg = labels, False
+    else:
+        rows, cfg = torch.cat([labels, null]), True
+    scheduler.set_timesteps(steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    abar = scheduler.alphas_cumprod
+    x = noise * scheduler.init_noise_sigma
+    trace = []
+    for i, t in enumerate(timesteps):
+        xin = torch.cat([x, x]) if cfg else x
+        tt = torch.full((xin.shape[0],), t, dtype=torch.long, device=dev)
+        eps = denoiser(xin, tt, rows)
+        if cfg:
+            e_c, e_u = eps.chunk(2)
+            eps = e_u + guidance * (e_c - e_u)
+        kw = {"eta": 0.0} if not stochastic else {}
+        x_prev = scheduler.step(eps, t, x, generator=generator, **kw).prev_sample
+        if mixture is not None:
+            trace.append(mixture.last_weights[:b].cpu())
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            mixture.observe(torch.cat([x_prev, x_prev]) if cfg else x_prev, float(abar[t]),
+                            float(abar[t_prev]) if t_prev >= 0 else 1.0)
+        x = x_prev
+        if callback:
+            callback(i + 1, len(timesteps))
+    if mixture is None:
+        return SampleResult(x, None, None)
+    return SampleResult(x, torch.stack(trace), mixture.final_weights()[:b].cpu())

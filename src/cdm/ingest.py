@@ -1,0 +1,95 @@
+"""Ingest: validate items, skip duplicates, assign each to a compartment and slice, record it.
+
+Validation runs over every item before anything is written; the registry write is one
+transaction, item files are content-addressed and written atomically before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .data import DataError, Item, SplitRule, assign_slice, check_name
+from .store import PARAGON, ROUTER, Store, now
+
+
+@dataclass
+class IngestResult:
+    added: int
+    duplicates: int
+    compartments: dict[str, int] = field(default_factory=dict)  # items now in each of the source's compartments
+
+
+def resize_items(items: list[Item], size: int, channels: int) -> list[Item]:
+    """Convert builtin items to the store's format (used with --resize)."""
+    out = []
+    for it in items:
+        img = Image.fromarray(it.pixels[..., 0] if it.pixels.shape[2] == 1 else it.pixels)
+        img = img.convert({1: "L", 3: "RGB"}[channels]).resize((size, size), Image.Resampling.BICUBIC)
+        out.append(Item(np.asarray(img, dtype=np.uint8).reshape(size, size, channels), it.label, it.origin))
+    return out
+
+
+def ingest(store: Store, source: str, items: list[Item], split: str, actor: str | None = None) -> IngestResult:
+    check_name("source", source)
+    rule = SplitRule.parse(split)
+    cfg = store.config
+    existing_rule = store.sources().get(source)
+    if existing_rule is not None and existing_rule != str(rule):
+        raise DataError(f"source {source!r} was ingested with split {existing_rule}; cannot add with {rule}")
+    want = (cfg.image_size, cfg.image_size, cfg.channels)
+    bad = [f"{it.origin}: shape {it.pixels.shape}, store wants {want}" for it in items if it.pixels.shape != want]
+    if bad:
+        raise DataError(f"{len(bad)} item(s) do not fit the store, nothing was ingested "
+                        f"(pass --resize to convert):\n  " + "\n  ".join(bad[:20]))
+    if rule.kind == "by-class":
+        unlabelled = [it.origin for it in items if it.label is None]
+        if unlabelled:
+            raise DataError(f"split {rule} needs labels; unlabelled: {', '.join(unlabelled[:20])}")
+
+    # duplicates: within this batch, then against the store
+    unique: dict[str, Item] = {}
+    for it in items:
+        unique.setdefault(it.hash, it)
+    present = store.has_items(list(unique))
+    new = {h: it for h, it in unique.items() if h not in present}
+    duplicates = len(items) - len(new)
+
+    labels = store.labels()
+    new_labels = sorted({it.label for it in new.values() if it.label is not None} - set(labels))
+    if len(labels) + len(new_labels) > cfg.max_labels:
+        raise DataError(f"store allows {cfg.max_labels} labels; this ingest would make {len(labels) + len(new_labels)} "
+                        f"(new: {', '.join(new_labels[:20])}); re-create the store with a larger --max-labels")
+    next_id = max(labels.values(), default=-1) + 1
+    for i, name in enumerate(new_labels):
+        labels[name] = next_id + i
+
+    comps = rule.compartment_names(source)
+    reserved = [c for c in comps if c in (PARAGON, ROUTER)]
+    if reserved:
+        raise DataError(f"compartment name(s) {', '.join(reserved)} are reserved; rename source {source!r}")
+    owners = store.compartments()
+    clash = [c for c in comps if owners.get(c, source) != source]
+    if clash:
+        raise DataError(f"compartment name(s) {', '.join(clash)} already belong to another source; rename source {source!r}")
+
+    rows = []
+    for h, it in sorted(new.items()):
+        lid = None if it.label is None else labels[it.label]
+        rows.append((h, source, rule.assign(source, h, lid, cfg.seed), assign_slice(h, cfg.slices, cfg.seed), lid))
+
+    for h, it in new.items():  # content-addressed: harmless if the transaction below never commits
+        store.write_item_file(h, it.pixels)
+    t = now()
+    with store.tx() as db:
+        if existing_rule is None:
+            db.execute("INSERT INTO sources VALUES (?, ?, ?)", (source, str(rule), t))
+        db.executemany("INSERT OR IGNORE INTO compartments VALUES (?, ?, ?)", [(c, source, t) for c in comps])
+        db.executemany("INSERT INTO labels VALUES (?, ?)", [(labels[n], n) for n in new_labels])
+        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", [r + (t,) for r in rows])
+        store.log(db, "ingest", {"source": source, "split": str(rule), "added": len(rows),
+                                 "duplicates": duplicates, "items": [r[0] for r in rows]}, actor)
+    counts = store.counts()
+    return IngestResult(len(rows), duplicates, {c: counts.get(c, 0) for c in comps})

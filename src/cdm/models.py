@@ -1,0 +1,93 @@
+"""Denoiser presets (diffusers UNet2DModel configs) and the classifier router network.
+
+Every denoiser is class-conditional with one extra "null" class (id = max_labels) used for
+label dropout and classifier-free guidance (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ModelMixin, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
+
+PRESETS: dict[str, dict] = {
+    # tests: ~20k parameters, no attention
+    "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")),
+    # 8x8 .. 16x16 images (digits): ~0.7M parameters, attention at the coarsest level
+    "small": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")),
+    # 32x32 and larger: ~6M parameters
+    "base": dict(block_out_channels=(64, 128, 128), layers_per_block=2, norm_num_groups=32, attention_head_dim=16,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+}
+
+
+def default_preset(image_size: int) -> str:
+    return "small" if image_size <= 16 else "base"
+
+
+def unet_config(preset: str, image_size: int, channels: int, max_labels: int) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; available: {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    levels = len(p["block_out_channels"])
+    if image_size % (2 ** (levels - 1)):
+        raise ValueError(f"preset {preset!r} needs an image size divisible by {2 ** (levels - 1)}, got {image_size}")
+    return dict(sample_size=image_size, in_channels=channels, out_channels=channels,
+                num_class_embeds=max_labels + 1, **p)
+
+
+def build_unet(config: dict, seed: int) -> UNet2DModel:
+    """A freshly initialised UNet whose weights depend only on (config, seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel(**config)
+
+
+def build_router(config: dict, seed: int) -> "RouterNet":
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return RouterNet(**config)
+
+
+class RouterNet(ModelMixin, ConfigMixin):
+    """Noisy-input compartment classifier p(compartment | x_t, t, label) (CDM paper, Sec. 3).
+
+    A small CNN with FiLM conditioning on the timestep and label embeddings; outputs one
+    logit per compartment it was trained on, in the order of `compartments`.
+    """
+
+    @register_to_config
+    def __init__(self, compartments: list[str], image_size: int = 8, in_channels: int = 1,
+                 num_class_embeds: int = 17, width: int = 32, num_train_timesteps: int = 1000):
+        super().__init__()
+        emb = 4 * width
+        self.time_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_emb = TimestepEmbedding(width, emb)
+        self.label_emb = nn.Embedding(num_class_embeds, emb)
+        self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.blocks = nn.ModuleList()
+        self.films = nn.ModuleList()
+        chans = [width, width * 2, width * 2]
+        c_in = width
+        for i, c in enumerate(chans):
+            self.blocks.append(nn.Sequential(
+                nn.GroupNorm(8, c_in), nn.SiLU(), nn.Conv2d(c_in, c, 3, stride=2 if i else 1, padding=1)))
+            self.films.append(nn.Linear(emb, 2 * c))
+            c_in = c
+        self.head = nn.Sequential(nn.GroupNorm(8, c_in), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(c_in, len(compartments)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        e = self.time_emb(self.time_proj(t).to(x.dtype)) + self.label_emb(labels)
+        e = nn.functional.silu(e)
+        h = self.conv_in(x)
+        for block, film in zip(self.blocks, self.films):
+            h = block(h)
+            scale, shift = film(e)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        return self.head(h)

@@ -1,0 +1,337 @@
+"""The store: a directory with a SQLite registry, item files and model folders.
+
+Layout::
+
+    STORE/registry.sqlite          sources, items, compartments, labels, models, events
+    STORE/items/ab/<sha256>.png    one lossless file per item (content-addressed)
+    STORE/models/<name>/<digest>/  diffusers folders; the registry says which one is live
+    STORE/checkpoints/<name>/      SISA slice checkpoints (one per slice stage)
+    STORE/work/<name>/             resumable state of an interrupted training job
+
+Every registry write is one transaction; every file is written to a temporary name and
+renamed, so a crash leaves the old state or the new one (architecture.md, invariant 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SCHEMA_VERSION = 1
+PARAGON = "paragon"
+ROUTER = "router"
+
+SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE labels(id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL);
+CREATE TABLE sources(name TEXT PRIMARY KEY, split TEXT NOT NULL, created TEXT NOT NULL);
+CREATE TABLE compartments(name TEXT PRIMARY KEY, source TEXT NOT NULL REFERENCES sources(name),
+                          created TEXT NOT NULL);
+CREATE TABLE items(hash TEXT PRIMARY KEY, source TEXT NOT NULL REFERENCES sources(name),
+                   compartment TEXT NOT NULL REFERENCES compartments(name),
+                   slice INTEGER NOT NULL, label INTEGER REFERENCES labels(id), added TEXT NOT NULL);
+CREATE INDEX items_by_compartment ON items(compartment, hash);
+CREATE TABLE models(name TEXT PRIMARY KEY, kind TEXT NOT NULL, spec TEXT NOT NULL,
+                    digest TEXT NOT NULL, path TEXT NOT NULL, info TEXT NOT NULL, trained TEXT NOT NULL);
+CREATE TABLE events(id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, kind TEXT NOT NULL,
+                    actor TEXT NOT NULL, detail TEXT NOT NULL);
+"""
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked; the message names the culprit."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Fixed at `cdm init`: what every model in the store is built for."""
+
+    image_size: int = 8
+    channels: int = 1
+    seed: int = 0
+    slices: int = 4
+    max_labels: int = 16
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    hash: str
+    source: str
+    compartment: str
+    slice: int
+    label: int | None
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    name: str
+    kind: str  # "compartment" | "paragon" | "router"
+    spec: str  # digest of everything the model was trained from
+    digest: str  # sha256 of the weights file
+    path: str  # relative to the store root
+    info: dict
+    trained: str
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Store:
+    """Open with `Store.open(path)`; create with `Store.init(path, StoreConfig(...))`."""
+
+    def __init__(self, root: Path, db: sqlite3.Connection, config: StoreConfig):
+        self.root, self.db, self.config = root, db, config
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, root: str | Path, config: StoreConfig) -> "Store":
+        root = Path(root)
+        if (root / "registry.sqlite").exists():
+            raise StoreError(f"{root} is already a store")
+        if root.exists() and any(root.iterdir()):
+            raise StoreError(f"{root} exists and is not empty")
+        if not (2 <= config.image_size <= 512 and config.channels in (1, 3)):
+            raise StoreError(f"unsupported image format {config.image_size}px x {config.channels} channel(s)")
+        if not 1 <= config.slices <= 64 or not 1 <= config.max_labels <= 4096:
+            raise StoreError("slices must be in 1..64 and max_labels in 1..4096")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{uuid.uuid4().hex}.sqlite"
+        db = sqlite3.connect(tmp, isolation_level=None)
+        db.executescript(SCHEMA)
+        meta = {"schema_version": SCHEMA_VERSION, "config": asdict(config), "created": now()}
+        db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+        db.execute("INSERT INTO events(time, kind, actor, detail) VALUES (?, 'init', ?, ?)",
+                   (now(), _actor(), json.dumps(asdict(config))))
+        db.close()
+        os.replace(tmp, root / "registry.sqlite")
+        return cls.open(root)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Store":
+        root = Path(root)
+        path = root / "registry.sqlite"
+        if not path.exists():
+            raise StoreError(f"{root} is not a cdm store (no registry.sqlite); create one with `cdm init`")
+        db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        db.execute("PRAGMA foreign_keys = ON")
+        try:
+            version = json.loads(db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+            config = StoreConfig(**json.loads(db.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0]))
+        except (sqlite3.DatabaseError, TypeError) as e:
+            db.close()
+            raise StoreError(f"{path}: not a readable cdm registry ({e})") from None
+        if version != SCHEMA_VERSION:
+            db.close()
+            raise StoreError(f"{path}: schema version {version} is not supported (this cdm reads {SCHEMA_VERSION})")
+        return cls(root, db, config)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def tx(self):
+        """One registry transaction: all of it or none of it."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- meta ------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_meta(self, db: sqlite3.Connection, key: str, value) -> None:
+        db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    # --- labels, sources, compartments ---------------------------------------------------
+
+    def labels(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT name, id FROM labels ORDER BY id"))
+
+    def label_names(self) -> dict[int, str]:
+        return {i: n for n, i in self.labels().items()}
+
+    def sources(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT name, split FROM sources ORDER BY name"))
+
+    def compartments(self) -> dict[str, str]:
+        """name -> source, in name order (the canonical order of a composition)."""
+        return dict(self.db.execute("SELECT name, source FROM compartments ORDER BY name"))
+
+    def require_compartments(self, names: list[str]) -> list[str]:
+        known = self.compartments()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise StoreError(f"unknown compartment(s): {', '.join(unknown)}; known: {', '.join(known) or 'none'}")
+        return sorted(set(names))
+
+    # --- items -----------------------------------------------------------------------
+
+    def item_path(self, ihash: str) -> Path:
+        return self.root / "items" / ihash[:2] / f"{ihash}.png"
+
+    def write_item_file(self, ihash: str, pixels: np.ndarray) -> None:
+        path = self.item_path(ihash)
+        if path.exists():
+            return
+        img = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+        import io
+
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        write_atomic(path, buf.getvalue())
+
+    def read_item(self, ihash: str) -> np.ndarray:
+        path = self.item_path(ihash)
+        try:
+            with Image.open(path) as im:
+                a = np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"item file {path} is unreadable ({e})") from None
+        a = a.reshape(a.shape[0], a.shape[1], -1)
+        from .data import item_hash
+
+        if item_hash(a) != ihash:
+            raise StoreError(f"item file {path} does not match its hash {ihash}: the store is damaged")
+        return a
+
+    def items(self, compartment: str | None = None) -> list[ItemRow]:
+        """Items in canonical (hash) order, optionally of one compartment."""
+        q = "SELECT hash, source, compartment, slice, label FROM items"
+        rows = (self.db.execute(q + " WHERE compartment=? ORDER BY hash", (compartment,)) if compartment
+                else self.db.execute(q + " ORDER BY hash"))
+        return [ItemRow(*r) for r in rows]
+
+    def has_items(self, hashes: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i:i + 500]
+            q = f"SELECT hash FROM items WHERE hash IN ({','.join('?' * len(chunk))})"
+            found.update(r[0] for r in self.db.execute(q, chunk))
+        return found
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT compartment, COUNT(*) FROM items GROUP BY compartment"))
+
+    def label_counts(self) -> dict[str, dict[int | None, int]]:
+        """compartment -> {label id (None = unlabelled): count}."""
+        out: dict[str, dict[int | None, int]] = {}
+        for c, lab, n in self.db.execute("SELECT compartment, label, COUNT(*) FROM items GROUP BY compartment, label"):
+            out.setdefault(c, {})[lab] = n
+        return out
+
+    # --- models ----------------------------------------------------------------------
+
+    def model(self, name: str) -> ModelRow | None:
+        r = self.db.execute("SELECT name, kind, spec, digest, path, info, trained FROM models WHERE name=?",
+                            (name,)).fetchone()
+        return None if r is None else ModelRow(*r[:5], json.loads(r[5]), r[6])
+
+    def models(self) -> dict[str, ModelRow]:
+        names = [r[0] for r in self.db.execute("SELECT name FROM models ORDER BY name")]
+        return {n: self.model(n) for n in names}
+
+    def model_dir(self, name: str) -> Path:
+        row = self.model(name)
+        if row is None:
+            raise StoreError(f"{name!r} has no trained model; run `cdm train`")
+        return self.root / row.path
+
+    def new_model_dir(self, name: str) -> Path:
+        """A fresh temporary folder to write a model into; `install_model` makes it live."""
+        d = self.root / "models" / name / f".tmp-{uuid.uuid4().hex}"
+        d.mkdir(parents=True)
+        return d
+
+    def install_model(self, name: str, kind: str, spec: str, tmp_dir: Path, weights_file: str,
+                      info: dict, event: dict | None = None) -> ModelRow:
+        """Rename the finished folder to its digest, then swap the registry row in one transaction."""
+        digest = file_digest(tmp_dir / weights_file)
+        final = tmp_dir.parent / digest[:16]
+        if final.exists():
+            shutil.rmtree(tmp_dir)
+        else:
+            os.replace(tmp_dir, final)
+        rel = str(final.relative_to(self.root))
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (name, kind, spec, digest, rel, json.dumps(info), now()))
+            if event is not None:
+                self.log(db, "train", {"model": name, "digest": digest, **event})
+        self.gc_model_dirs(name)
+        return self.model(name)
+
+    def gc_model_dirs(self, name: str) -> None:
+        """Remove folders of `name` that the registry does not point to (old versions, crashed writes)."""
+        base = self.root / "models" / name
+        row = self.model(name)
+        keep = (self.root / row.path).name if row else None
+        if base.is_dir():
+            for d in base.iterdir():
+                if d.name != keep:
+                    shutil.rmtree(d, ignore_errors=True)
+
+    # --- events ----------------------------------------------------------------------
+
+    def log(self, db: sqlite3.Connection, kind: str, detail: dict, actor: str | None = None) -> None:
+        db.execute("INSERT INTO events(time, kind, actor, detail) VALUES (?, ?, ?, ?)",
+                   (now(), kind, actor or _actor(), json.dumps(detail, sort_keys=True)))
+
+    def events(self) -> list[dict]:
+        return [dict(id=i, time=t, kind=k, actor=a, detail=json.loads(d))
+                for i, t, k, a, d in self.db.execute("SELECT id, time, kind, actor, detail FROM events ORDER BY id")]
+
+
+def _actor() -> str:
+    try:
+        return os.getlogin()
+    except OSError:
+        import getpass
+
+        try:
+            return getpass.getuser()
+        except Exception:
+            return "unknown"

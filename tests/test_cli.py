@@ -1,0 +1,69 @@
+"""The `cdm` command end to end, in-process, on tiny settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from cdm.cli import app
+
+runner = CliRunner()
+
+
+def cdm(*args, code=0):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r
+
+
+def test_cli_story(tmp_path):
+    st = tmp_path / "s"
+    cdm("init", st, "--preset", "tiny", "--slices", "2", "--json")
+    r = json.loads(cdm("ingest", st, "--source", "digits", "--builtin", "digits", "--split", "by-class:2",
+                       "--json").stdout)
+    assert r["added"] == 1497 and r["duplicates"] == 0 and sum(r["compartments"].values()) == 1497
+    r = json.loads(cdm("ingest", st, "--source", "digits", "--builtin", "digits", "--split", "by-class:2",
+                       "--json").stdout)
+    assert (r["added"], r["duplicates"]) == (0, 1497)
+    rows = json.loads(cdm("train", st, "--steps", "6", "--json").stdout)
+    assert [x["name"] for x in rows] == ["digits-0", "digits-1", "router"]
+    assert all(len(x["digest"]) == 64 and x["steps"] == 6 for x in rows)
+    out = tmp_path / "out"
+    r = json.loads(cdm("sample", st, "-n", "3", "--label", "7", "--steps", "4", "--out", out, "--json").stdout)
+    assert len(r["samples"]) == 3 and (out / "grid.png").exists()
+    s0 = r["samples"][0]
+    assert Image.open(s0["file"]).size == (8, 8)
+    assert abs(sum(s0["attribution"].values()) - 1) < 1e-6 and s0["final"]["digits-1"] == 1.0
+    st_json = json.loads(cdm("status", st, "--json").stdout)
+    assert st_json["router"]["state"] == "ready" and st_json["compartments"]["digits-0"]["model"] == "ready"
+    assert "digits-0" in cdm("status", st).stdout
+
+
+def test_cli_errors_are_clear_and_exit_2(tmp_path):
+    st = tmp_path / "s"
+    cdm("init", st)
+    r = cdm("ingest", st, "--source", "x", "--folder", tmp_path / "missing", code=2)
+    assert "folder not found" in r.output
+    r = cdm("ingest", st, "--source", "x", "--builtin", "cifar", code=2)
+    assert "unknown builtin dataset 'cifar'" in r.output
+    r = cdm("ingest", st, "--source", "x", code=2)
+    assert "exactly one of" in r.output
+    r = cdm("sample", tmp_path / "nostore", code=2)
+    assert "not a cdm store" in r.output
+    cdm("ingest", st, "--source", "digits", "--builtin", "digits", "--split", "iid:2")
+    r = cdm("sample", st, "-n", "2", code=2)
+    assert "not trained" in r.output
+
+
+def test_demo_writes_a_report(tmp_path):
+    out = tmp_path / "demo"
+    cdm("demo", "--out", out, "--quick", "--steps", "4", "--preset", "tiny", "--samples-per-label", "1")
+    report = (out / "report.md").read_text()
+    assert "## Attribution" in report and "ito router" in report
+    for name in ("grid-0.png", "grid-1.png", "weights-ito-4.png"):
+        assert (out / name).exists()
+    grid = np.asarray(Image.open(out / "grid-1.png"))
+    assert grid.shape[0] >= 10 * 8 * 6  # ten label rows, upscaled

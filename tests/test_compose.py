@@ -1,0 +1,140 @@
+"""Routers and the mixture sampler on a case with a known answer.
+
+Each compartment's data is an isotropic Gaussian N(m_i, s^2 I), so its exact noise
+predictor and the exact posterior p(i | x_t) have closed forms (mixture-weights.md Sec. 3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cdm.compose import ClassifierRouter, ItoRouter, Mixture, UniformRouter, make_scheduler, sample
+from cdm.models import RouterNet
+from cdm.train import RouterConfig, TrainConfig, TrainJob, train_job
+
+SCHED = TrainConfig().scheduler().config
+MEANS = [torch.full((1, 4, 4), v) for v in (-0.6, 0.2, 0.7)]
+S = 0.3
+PI = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+
+
+class Gaussian:
+    def __init__(self, m, abar):
+        self.m, self.abar = m, abar
+
+    def __call__(self, x, t, labels):
+        ab = self.abar[t].view(-1, 1, 1, 1).to(x.dtype)
+        return (1 - ab).sqrt() * (x - ab.sqrt() * self.m) / (ab * S * S + 1 - ab)
+
+
+def exact_posterior(x, t, abar):
+    ab = float(abar[t])
+    v = ab * S * S + 1 - ab
+    ll = torch.stack([-((x - ab ** 0.5 * m) ** 2).flatten(1).sum(1) / (2 * v) for m in MEANS], 1).double()
+    return torch.softmax(ll + PI.log(), dim=1)
+
+
+def run(router, steps, n=1500, seed=0):
+    sched = make_scheduler(SCHED, "ddpm")
+    errs = []
+    dens = [Gaussian(m, sched.alphas_cumprod) for m in MEANS]
+    mix = Mixture(dens, router, PI.log().expand(n, 3))
+
+    class Recorder:  # a denoiser wrapping the mixture: compares the weights it used with the exact ones
+        def __call__(self, x, t, labels):
+            out = mix(x, t, labels)
+            errs.append((mix.last_weights - exact_posterior(x, int(t[0]), sched.alphas_cumprod)).abs().mean())
+            return out
+
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 1, 4, 4, generator=g)
+    res = _sample_recorded(Recorder(), mix, sched, noise, steps, g)
+    d = torch.stack([((res.images - m) ** 2).flatten(1).sum(1) for m in MEANS], 1)
+    return res, d.argmin(1), float(torch.stack(errs).mean())
+
+
+def _sample_recorded(rec, mix, sched, noise, steps, g):
+    """The DDPM loop of cdm.compose.sample, with the denoiser wrapped by a recorder."""
+    sched.set_timesteps(steps)
+    ts = [int(t) for t in sched.timesteps]
+    x, trace = noise, []
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            eps = rec(x, torch.full((x.shape[0],), t), torch.zeros(x.shape[0], dtype=torch.long))
+            trace.append(mix.last_weights)
+            x_prev = sched.step(eps, t, x, generator=g).prev_sample
+            tp = ts[i + 1] if i + 1 < len(ts) else -1
+            mix.observe(x_prev, float(sched.alphas_cumprod[t]), float(sched.alphas_cumprod[tp]) if tp >= 0 else 1.0)
+            x = x_prev
+    from cdm.compose import SampleResult
+
+    return SampleResult(x, torch.stack(trace), mix.final_weights())
+
+
+@pytest.mark.parametrize("steps,tol", [(1000, 0.01), (50, 0.02)])
+def test_ito_router_tracks_the_exact_posterior(steps, tol):
+    res, nearest, mae = run(ItoRouter(), steps)
+    assert mae < tol  # mixture-weights.md measured 0.0022 (1000 steps) and 0.0033 (50 steps)
+    frac = torch.bincount(nearest, minlength=3).double() / len(nearest)
+    assert torch.allclose(frac, PI, atol=0.04)  # samples follow the union: fractions = priors
+    assert (res.final.argmax(1) == nearest).double().mean() > 0.98  # weights pick the right compartment
+    assert torch.allclose(res.attribution.sum(1), torch.ones(len(nearest), dtype=torch.float64))
+
+
+def test_uniform_router_is_clearly_wrong_on_the_same_case():
+    res, nearest, _ = run(UniformRouter(), 50)
+    frac = torch.bincount(nearest, minlength=3).double() / len(nearest)
+    assert (frac - PI).abs().max() > 0.3  # averaging eps collapses onto the middle compartment
+
+
+def test_ito_router_refuses_a_deterministic_sampler():
+    sched = make_scheduler(SCHED, "ddim")
+    mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in MEANS], ItoRouter(), PI.log().expand(2, 3))
+    with pytest.raises(ValueError, match="needs the stochastic DDPM sampler"):
+        sample(mix, sched, torch.randn(2, 1, 4, 4), None, 0, 1.0, 10, torch.Generator())
+
+
+def test_mixture_of_one_is_the_denoiser_itself():
+    sched = make_scheduler(SCHED, "ddpm")
+    den = Gaussian(MEANS[1], sched.alphas_cumprod)
+    mix = Mixture([den], ItoRouter(), torch.zeros(4, 1, dtype=torch.float64))
+    x, t, y = torch.randn(4, 1, 4, 4), torch.full((4,), 300), torch.zeros(4, dtype=torch.long)
+    assert torch.equal(mix(x, t, y), den(x, t, y))
+    a = sample(mix, make_scheduler(SCHED, "ddpm"), x, None, 0, 1.0, 20, torch.Generator().manual_seed(3))
+    b = sample(den, make_scheduler(SCHED, "ddpm"), x, None, 0, 1.0, 20, torch.Generator().manual_seed(3))
+    assert torch.equal(a.images, b.images)
+
+
+def test_ineligible_compartments_get_zero_weight():
+    sched = make_scheduler(SCHED, "ddpm")
+    prior = torch.tensor([[0.0, -torch.inf, np.log(0.5)]], dtype=torch.float64).expand(8, 3)
+    for router in (ItoRouter(), UniformRouter()):
+        mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in MEANS], router, prior)
+        res = sample(mix, make_scheduler(SCHED, "ddpm"), torch.randn(8, 1, 4, 4), None, 0, 1.0, 20,
+                     torch.Generator().manual_seed(0))
+        assert (res.weights[:, :, 1] == 0).all() and (res.final[:, 1] == 0).all()
+
+
+def test_classifier_router_picks_the_right_compartment(tmp_path):
+    """Train the noisy classifier on samples of the two outer Gaussians, then compose them."""
+    rng = np.random.RandomState(0)
+    means, n = [MEANS[0], MEANS[2]], 400
+    px = [np.clip(np.rint((m.numpy().transpose(1, 2, 0) + S * rng.randn(4, 4, 1) + 1) * 127.5), 0, 255)
+          for m in means for _ in range(n)]
+    cfg = RouterConfig(steps=150, batch_size=64, width=16, warmup=10, checkpoint_every=1000)
+    job = TrainJob("router", "router", [f"{i:064x}" for i in range(2 * n)], [2] * (2 * n), [0] * n + [1] * n,
+                   np.stack(px).astype(np.uint8),
+                   dict(compartments=["a", "b"], image_size=4, in_channels=1, num_class_embeds=3, width=16),
+                   cfg, 0, 1, 2, ["a", "b"], dict(num_train_timesteps=1000, beta_schedule="linear"))
+    r = train_job(job, tmp_path / "out", tmp_path / "ck", tmp_path / "work")
+    assert r.final_loss < 0.5
+    net = RouterNet.from_pretrained(tmp_path / "out").eval()
+    sched = make_scheduler(SCHED, "ddpm")
+    mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in means], ClassifierRouter(net, [0, 1]),
+                  torch.zeros(300, 2, dtype=torch.float64))
+    res = sample(mix, sched, torch.randn(300, 1, 4, 4, generator=torch.Generator().manual_seed(1)),
+                 None, 2, 1.0, 50, torch.Generator().manual_seed(1))
+    d = torch.stack([((res.images - m) ** 2).flatten(1).sum(1) for m in means], 1)
+    assert (res.final.argmax(1) == d.argmin(1)).double().mean() > 0.95

@@ -1,0 +1,105 @@
+"""Sampling from a store: determinism (invariant 6), access isolation (invariant 4), errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from cdm import api
+from cdm.data import load_builtin
+from cdm.store import StoreError
+
+from .conftest import make_store
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits):
+    path = tmp_path_factory.mktemp("trained") / "s"
+    s = make_store(path, digits, "by-class:3")
+    api.train(s, paragon=True)
+    s.close()
+    return path
+
+
+def _copy(trained, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(trained, dst)
+    return api.Store.open(dst)
+
+
+@pytest.mark.parametrize("router", ["ito", "classifier", "uniform"])
+def test_same_seed_same_samples_bit_for_bit(trained, router):
+    s = api.Store.open(trained)
+    a = api.sample(s, 6, "3", None, router, steps=8, seed=5)
+    b = api.sample(s, 6, "3", None, router, steps=8, seed=5)
+    c = api.sample(s, 6, "3", None, router, steps=8, seed=6)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.attribution, b.attribution)
+    assert np.array_equal(a.final, b.final) and not np.array_equal(a.images, c.images)
+    assert np.allclose(a.attribution.sum(1), 1.0) and np.allclose(a.final.sum(1), 1.0)
+    assert a.compartments == ["digits-0", "digits-1", "digits-2"]
+    # label 3 lives only in digits-0 (3 mod 3 == 0): every weight goes there
+    assert np.array_equal(a.final[:, 0], np.ones(6))
+
+
+@pytest.mark.parametrize("router", ["ito", "classifier"])
+def test_access_isolation_outside_files_present_deleted_or_corrupted(trained, tmp_path, router):
+    s = _copy(trained, tmp_path)
+    allow = ["digits-0", "digits-1"]
+    ref = api.sample(s, 5, None, allow, router, steps=6, seed=1)
+    outside = s.model_dir("digits-2")
+    weights = outside / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"garbage" * 100)
+    (outside / "config.json").write_text("{not json")
+    corrupted = api.sample(s, 5, None, allow, router, steps=6, seed=1)
+    shutil.rmtree(outside)
+    deleted = api.sample(s, 5, None, allow, router, steps=6, seed=1)
+    for g in (corrupted, deleted):
+        assert np.array_equal(g.images, ref.images) and np.array_equal(g.attribution, ref.attribution)
+    with pytest.raises(StoreError, match="'digits-2'.*missing or corrupted"):
+        api.sample(s, 2, None, None, router, steps=4)
+
+
+def test_restricted_composition_differs_from_full_and_paragon_samples(trained):
+    s = api.Store.open(trained)
+    full = api.sample(s, 4, None, None, "ito", steps=6, seed=2)
+    part = api.sample(s, 4, None, ["digits-1"], "ito", steps=6, seed=2)
+    par = api.sample(s, 4, None, None, steps=6, seed=2, paragon=True)
+    assert part.compartments == ["digits-1"] and np.array_equal(part.attribution, np.ones((4, 1)))
+    assert not np.array_equal(full.images, part.images)
+    assert par.attribution is None and par.images.shape == (4, 8, 8, 1)
+
+
+def test_per_sample_labels_and_guidance_one(trained):
+    s = api.Store.open(trained)
+    g = api.sample(s, 3, ["1", "2", "3"], None, "ito", steps=5, guidance=1.0)
+    assert g.labels == ["1", "2", "3"]
+    assert list(g.final.argmax(1)) == [1, 2, 0]  # the compartment that holds each label
+
+
+def test_sampling_errors(trained, tmp_path, digits):
+    s = _copy(trained, tmp_path)
+    with pytest.raises(StoreError, match="unknown compartment.*nope"):
+        api.sample(s, 2, allow=["digits-0", "nope"])
+    with pytest.raises(StoreError, match="label '4' is in none of the composed compartments"):
+        api.sample(s, 2, "4", ["digits-0", "digits-2"])  # 4 lives in digits-1
+    with pytest.raises(StoreError, match="unknown label"):
+        api.sample(s, 2, "42")
+    with pytest.raises(StoreError, match="n must be positive"):
+        api.sample(s, 0)
+    with pytest.raises(StoreError, match="allowed set of compartments is empty"):
+        api.sample(s, 2, allow=[])
+    with pytest.raises(StoreError, match="needs the stochastic ddpm sampler"):
+        api.sample(s, 2, router="ito", sampler="ddim", steps=4)
+    g = api.sample(s, 2, "3", router="classifier", sampler="ddim", steps=4)  # deterministic is fine there
+    assert g.images.shape == (2, 8, 8, 1)
+    with pytest.raises(StoreError, match="unknown router"):
+        api.sample(s, 2, router="magic")
+    api.ingest(s, "late", load_builtin("digits", "test")[:10], "one")
+    with pytest.raises(StoreError, match="'late' is not trained"):
+        api.sample(s, 2, steps=4)
+    with pytest.raises(StoreError, match="classifier router is stale"):
+        api.sample(s, 2, allow=["digits-0"], router="classifier", steps=4)
+    ok = api.sample(s, 2, allow=["digits-0"], router="ito", steps=4)  # ito needs nothing but the models
+    assert ok.images.shape == (2, 8, 8, 1)
