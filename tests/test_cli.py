@@ -41,6 +41,16 @@ def test_cli_story(tmp_path):
     st_json = json.loads(cdm("status", st, "--json").stdout)
     assert st_json["router"]["state"] == "ready" and st_json["compartments"]["digits-0"]["model"] == "ready"
     assert "digits-0" in cdm("status", st).stdout
+    victim = json.loads(cdm("audit", st, "--json").stdout)[1]["detail"]["items"][0]
+    r = json.loads(cdm("forget", st, "--item", victim, "--json").stdout)
+    assert r["items"] == [victim] and r["router"] == "retrained"
+    names = sorted(x["name"] for x in r["retrained"])  # the victim's compartment and the classifier router
+    assert len(names) == 2 and names[0] in ("digits-0", "digits-1") and names[1] == "router"
+    kinds = [e["kind"] for e in json.loads(cdm("audit", st, "--json").stdout)]
+    assert kinds[:2] == ["init", "ingest"] and "forget" in kinds
+    assert "forgotten" in cdm("audit", st).stdout
+    r = cdm("forget", st, "--item", "0" * 64, code=2)
+    assert "unknown item hash" in r.output
 
 
 def test_cli_errors_are_clear_and_exit_2(tmp_path):

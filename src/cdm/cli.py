@@ -203,6 +203,53 @@ def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command()
+def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Item SHA-256 (repeatable)."),
+           source: Optional[str] = typer.Option(None, help="Drop a whole source."),
+           compartment: Optional[str] = typer.Option(None, help="Drop a whole compartment."),
+           retrain: bool = typer.Option(True, help="Retrain affected models now (else they stay missing)."),
+           device: str = typer.Option("cpu"), json_out: bool = typer.Option(False, "--json")) -> None:
+    """Forget items, a source or a compartment exactly: retrain only what saw them, from the slice before."""
+    from dataclasses import asdict
+
+    from .protect import forget as run_forget
+
+    with _open(store) as s:
+        prog, cb = training_progress(err)
+        with prog:
+            r = run_forget(s, item or None, source, compartment, retrain, device, cb)
+    _emit(asdict(r), json_out)
+    if not json_out:
+        out.print(f"forgot {len(r.items)} item(s)" + (f", dropped {', '.join(r.dropped)}" if r.dropped else ""))
+        for x in r.retrained:
+            out.print(f"  retrained {x['name']} from {x['resumed_from']}: {x['steps']} steps, {x['seconds']:.1f} s")
+        out.print(f"  classifier router: {r.router}; took {r.seconds:.1f} s")
+
+
+@app.command()
+def audit(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
+    """The event log: ingest, train, forget and config changes, with item hashes and model digests."""
+    with _open(store) as s:
+        events = s.events()
+    _emit(events, json_out)
+    if not json_out:
+        t = Table("id", "time", "kind", "actor", "detail")
+        for e in events:
+            d = e["detail"]
+            if e["kind"] == "ingest":
+                text = f"{d['source']}: +{d['added']} items ({d['duplicates']} duplicates), split {d['split']}"
+            elif e["kind"] == "forget":
+                text = (f"{len(d['items'])} item(s) forgotten"
+                        + (f", dropped {', '.join(d['dropped'])}" if d["dropped"] else "")
+                        + f"; models invalidated: {', '.join(d['models_before']) or 'none'}")
+            elif e["kind"] == "train":
+                text = f"{d['model']} -> {d['digest'][:12]} ({d['steps_run']} steps from {d['resumed_from']})"
+            else:
+                text = str(d)
+            t.add_row(str(e["id"]), e["time"], e["kind"], e["actor"], text)
+        out.print(t)
+
+
+@app.command()
 def demo(out_dir: Path = typer.Option(Path("cdm-demo"), "--out", help="Store, samples and report.md go here."),
          quick: bool = typer.Option(False, help="A ~1 minute smoke run with fewer steps."),
          device: str = typer.Option("cpu"), steps: Optional[int] = typer.Option(None, hidden=True),

@@ -1,0 +1,84 @@
+"""Exact forgetting (invariants 3 and 7) and continual addition, compared bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cdm import api
+from cdm.data import load_builtin
+from cdm.protect import forget
+from cdm.store import StoreError
+
+from .conftest import digests, make_store
+
+
+def _ckpts(store) -> dict[str, list[str]]:
+    root = store.root / "checkpoints"
+    return {d.name: sorted(p.name for p in d.iterdir()) for d in sorted(root.iterdir())}
+
+
+@pytest.mark.parametrize("slice_", [0, 1, 2])
+def test_forget_item_is_bit_identical_to_training_without_it(tmp_path, digits, slice_):
+    items = digits[:90]
+    s = make_store(tmp_path / "s", items, "iid:2", slices=3)
+    api.train(s, paragon=True)
+    victim = next(r for r in s.items() if r.slice == slice_)
+    res = forget(s, items=[victim.hash])
+    ref = make_store(tmp_path / "ref", [d for d in items if d.hash != victim.hash], "iid:2", slices=3)
+    api.train(ref, paragon=True)
+    assert digests(s) == digests(ref)  # compartments, paragon and classifier router
+    assert _ckpts(s) == _ckpts(ref)  # no checkpoint that saw the item survives
+    retrained = {x["name"]: x for x in res.retrained}
+    assert retrained[victim.compartment]["resumed_from"] == ("scratch" if slice_ == 0 else f"stage {slice_ - 1}")
+    assert set(retrained) == {victim.compartment, "paragon", "router"} and res.router == "retrained"
+    assert not s.item_path(victim.hash).exists() and victim.hash not in {r.hash for r in s.items()}
+    for router in ("ito", "classifier"):
+        a = api.sample(s, 4, "5", None, router, steps=5, seed=3)
+        b = api.sample(ref, 4, "5", None, router, steps=5, seed=3)
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.attribution, b.attribution)
+    ev = [e for e in s.events() if e["kind"] == "forget"][-1]
+    logged = json.dumps(ev)
+    assert victim.hash in logged and "pixels" not in logged
+
+
+def test_forget_source_equals_store_without_it(tmp_path, digits):
+    other = load_builtin("digits", "test")[:40]
+    s = make_store(tmp_path / "s", digits[:60], "iid:2")
+    api.ingest(s, "museum", other, "one")
+    api.train(s)
+    r = forget(s, source="museum")
+    assert r.dropped == ["museum"] and len(r.items) == 40
+    ref = make_store(tmp_path / "ref", digits[:60], "iid:2")
+    api.train(ref)
+    assert digests(s) == digests(ref)
+    assert not (tmp_path / "s" / "models" / "museum").exists()
+    assert not (tmp_path / "s" / "checkpoints" / "museum").exists()
+
+
+def test_unknown_targets_change_nothing(tmp_path, digits):
+    s = make_store(tmp_path / "s", digits[:30], "iid:2")
+    api.train(s)
+    before, n_events = digests(s), len(s.events())
+    with pytest.raises(StoreError, match="unknown item hash.*deadbeef"):
+        forget(s, items=["deadbeef"])
+    with pytest.raises(StoreError, match="unknown source 'nope'"):
+        forget(s, source="nope")
+    with pytest.raises(StoreError, match="unknown compartment"):
+        forget(s, compartment="nope")
+    assert digests(s) == before and len(s.events()) == n_events and len(s.items()) == 30
+
+
+def test_continual_addition_trains_only_the_new_compartment(tmp_path, digits):
+    s = make_store(tmp_path / "s", digits[:60], "iid:2")
+    api.train(s)
+    before = digests(s)
+    api.ingest(s, "museum", load_builtin("digits", "test")[:30], "one")
+    ran = [r.name for r in api.train(s)]
+    assert ran == ["museum", "router"]
+    after = digests(s)
+    assert all(after[c] == before[c] for c in ("digits-0", "digits-1"))
+    g = api.sample(s, 3, "1", None, "ito", steps=4)
+    assert g.compartments == ["digits-0", "digits-1", "museum"]
