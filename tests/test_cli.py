@@ -51,6 +51,16 @@ def test_cli_story(tmp_path):
     assert "forgotten" in cdm("audit", st).stdout
     r = cdm("forget", st, "--item", "0" * 64, code=2)
     assert "unknown item hash" in r.output
+    pol = tmp_path / "policy.toml"
+    pol.write_text('[users.alice]\ncompartments = ["digits-1"]\n')
+    r = json.loads(cdm("sample", st, "-n", "2", "--label", "7", "--steps", "3", "--user", "alice", "--policy", pol,
+                       "--out", out, "--json").stdout)
+    assert r["compartments"] == ["digits-1"]
+    r = cdm("sample", st, "-n", "2", "--user", "alice", "--policy", pol, "--allow", "digits-0", code=2)
+    assert "may not use: digits-0" in r.output
+    r = cdm("sample", st, "-n", "2", "--user", "alice", code=2)
+    assert "needs --policy" in r.output
+    assert "alice: digits-1" in cdm("policy", st, "--set", pol).stdout
 
 
 def test_cli_errors_are_clear_and_exit_2(tmp_path):

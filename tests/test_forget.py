@@ -82,3 +82,26 @@ def test_continual_addition_trains_only_the_new_compartment(tmp_path, digits):
     assert all(after[c] == before[c] for c in ("digits-0", "digits-1"))
     g = api.sample(s, 3, "1", None, "ito", steps=4)
     assert g.compartments == ["digits-0", "digits-1", "museum"]
+
+
+def test_policy_composes_exactly_the_users_set(tmp_path, digits):
+    from cdm.policy import Policy, set_store_policy, store_policy
+
+    s = make_store(tmp_path / "s", digits[:60], "iid:2")
+    api.ingest(s, "museum", load_builtin("digits", "test")[:30], "one")
+    api.train(s, router=False)
+    pol = Policy.parse('[users.alice]\nsources = ["museum"]\ncompartments = ["digits-1"]\n'
+                       '[users.bob]\nsources = ["digits"]\n')
+    assert pol.allowed(s, "alice") == ["digits-1", "museum"]
+    assert pol.allowed(s, "bob") == ["digits-0", "digits-1"]
+    with pytest.raises(StoreError, match="unknown user 'carol'"):
+        pol.allowed(s, "carol")
+    with pytest.raises(StoreError, match=r"users.x.compartments: nope"):
+        Policy.parse('[users.x]\ncompartments = ["nope"]\n').allowed(s, "x")
+    with pytest.raises(StoreError, match="may use no compartment"):
+        Policy.parse('[users.x]\nsources = []\n').allowed(s, "x")
+    with pytest.raises(StoreError, match="not valid TOML"):
+        Policy.parse("[users.x")
+    set_store_policy(s, pol)
+    assert store_policy(s).allowed(s, "alice") == ["digits-1", "museum"]
+    assert s.events()[-1]["kind"] == "policy"

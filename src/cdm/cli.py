@@ -160,6 +160,8 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
            steps: int = typer.Option(50, help="Sampling steps."),
            guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none)."),
            seed: int = typer.Option(0), paragon: bool = typer.Option(False, help="Sample the paragon instead."),
+           user: Optional[str] = typer.Option(None, help="Compose exactly what this user may use."),
+           policy: Optional[Path] = typer.Option(None, help="Policy TOML (default: the store's policy)."),
            out_dir: Path = typer.Option(Path("samples"), "--out", help="Where the PNGs go."),
            device: str = typer.Option("cpu"), json_out: bool = typer.Option(False, "--json")) -> None:
     """Sample from a composition of compartments, with per-sample attribution."""
@@ -167,6 +169,18 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
 
     with _open(store) as s:
         allowed = None if allow is None else [a.strip() for a in allow.split(",") if a.strip()]
+        if user is not None:
+            from .policy import Policy, store_policy
+
+            pol = Policy.load(policy) if policy else store_policy(s)
+            if pol is None:
+                _fail("--user needs --policy FILE or a store policy (`cdm policy STORE --set FILE`)")
+            permitted = pol.allowed(s, user)
+            if allowed is not None and set(allowed) - set(permitted):
+                _fail(f"user {user!r} may not use: {', '.join(sorted(set(allowed) - set(permitted)))}")
+            allowed = allowed or permitted
+        elif policy is not None:
+            _fail("--policy needs --user")
         g = api.sample(s, n, label, allowed, router, steps, guidance, seed, sampler, device, paragon)
         files, grid = write_samples(g.images, out_dir)
         recs = g.records(files)
@@ -223,6 +237,25 @@ def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Ite
         for x in r.retrained:
             out.print(f"  retrained {x['name']} from {x['resumed_from']}: {x['steps']} steps, {x['seconds']:.1f} s")
         out.print(f"  classifier router: {r.router}; took {r.seconds:.1f} s")
+
+
+@app.command("policy")
+def policy_cmd(store: Path, set_file: Optional[Path] = typer.Option(None, "--set", help="Make this TOML the store's policy."),
+               json_out: bool = typer.Option(False, "--json")) -> None:
+    """Show or set the store's default access policy (users -> sources/compartments)."""
+    from .policy import Policy, set_store_policy, store_policy
+
+    with _open(store) as s:
+        if set_file is not None:
+            set_store_policy(s, Policy.load(set_file))
+        pol = store_policy(s)
+        view = {} if pol is None else {u: pol.allowed(s, u) for u in sorted(pol.users)}
+    _emit(view, json_out)
+    if not json_out:
+        if not view:
+            out.print("no store policy")
+        for u, comps in view.items():
+            out.print(f"{u}: {', '.join(comps)}")
 
 
 @app.command()

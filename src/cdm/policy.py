@@ -1,0 +1,91 @@
+"""Access policies: which compartments each user may compose.
+
+A policy is TOML; each user names sources (all their compartments) and/or compartments:
+
+    [users.alice]
+    sources = ["digits"]
+    compartments = ["museum"]
+
+A user's composition is exactly their allowed set, and only those models are opened.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .store import Store, StoreError
+
+
+@dataclass(frozen=True)
+class UserRule:
+    sources: tuple[str, ...] = ()
+    compartments: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    users: dict[str, UserRule]
+    text: str
+    origin: str
+
+    @classmethod
+    def parse(cls, text: str, origin: str = "<policy>") -> "Policy":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise StoreError(f"{origin}: not valid TOML ({e})") from None
+        extra = set(data) - {"users"}
+        if extra:
+            raise StoreError(f"{origin}: unknown top-level field(s) {', '.join(sorted(extra))}; expected [users.NAME]")
+        users = {}
+        for name, rule in data.get("users", {}).items():
+            if not isinstance(rule, dict) or set(rule) - {"sources", "compartments"}:
+                raise StoreError(f"{origin}: users.{name} may only have 'sources' and 'compartments' lists")
+            for key in ("sources", "compartments"):
+                v = rule.get(key, [])
+                if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                    raise StoreError(f"{origin}: users.{name}.{key} must be a list of names")
+            users[name] = UserRule(tuple(rule.get("sources", [])), tuple(rule.get("compartments", [])))
+        if not users:
+            raise StoreError(f"{origin}: names no users")
+        return cls(users, text, origin)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        p = Path(path)
+        if not p.is_file():
+            raise StoreError(f"policy file not found: {p}")
+        return cls.parse(p.read_text(), str(p))
+
+    def check(self, store: Store) -> None:
+        """Every source and compartment the policy names must exist in the store."""
+        comps, sources = store.compartments(), store.sources()
+        bad = [f"users.{u}.sources: {s}" for u, r in self.users.items() for s in r.sources if s not in sources]
+        bad += [f"users.{u}.compartments: {c}" for u, r in self.users.items() for c in r.compartments if c not in comps]
+        if bad:
+            raise StoreError(f"{self.origin} names unknown source(s)/compartment(s): {'; '.join(bad)}")
+
+    def allowed(self, store: Store, user: str) -> list[str]:
+        if user not in self.users:
+            raise StoreError(f"unknown user {user!r} in {self.origin}; known: {', '.join(sorted(self.users))}")
+        self.check(store)
+        r = self.users[user]
+        names = {c for c, s in store.compartments().items() if s in r.sources} | set(r.compartments)
+        if not names:
+            raise StoreError(f"user {user!r} may use no compartment under {self.origin}")
+        return sorted(names)
+
+
+def store_policy(store: Store) -> Policy | None:
+    text = store.get_meta("policy")
+    return None if text is None else Policy.parse(text, "the store's default policy")
+
+
+def set_store_policy(store: Store, policy: Policy, actor: str | None = None) -> None:
+    policy.check(store)
+    with store.tx() as db:
+        store.set_meta(db, "policy", policy.text)
+        store.log(db, "policy", {"users": {u: dict(sources=list(r.sources), compartments=list(r.compartments))
+                                           for u, r in policy.users.items()}, "origin": policy.origin}, actor)
