@@ -26,6 +26,8 @@ def test_forget_item_is_bit_identical_to_training_without_it(tmp_path, digits, s
     s = make_store(tmp_path / "s", items, "iid:2", slices=3)
     api.train(s, paragon=True)
     victim = next(r for r in s.items() if r.slice == slice_)
+    (tmp_path / "s" / "work" / "router").mkdir(parents=True)
+    (tmp_path / "s" / "work" / "router" / "resume.pt").write_bytes(b"state of an interrupted router run")
     res = forget(s, items=[victim.hash])
     ref = make_store(tmp_path / "ref", [d for d in items if d.hash != victim.hash], "iid:2", slices=3)
     api.train(ref, paragon=True)
@@ -35,6 +37,7 @@ def test_forget_item_is_bit_identical_to_training_without_it(tmp_path, digits, s
     assert retrained[victim.compartment]["resumed_from"] == ("scratch" if slice_ == 0 else f"stage {slice_ - 1}")
     assert set(retrained) == {victim.compartment, "paragon", "router"} and res.router == "retrained"
     assert not s.item_path(victim.hash).exists() and victim.hash not in {r.hash for r in s.items()}
+    assert not list((tmp_path / "s" / "work").glob("*/resume.pt"))  # no interrupted state that saw it
     for router in ("ito", "classifier"):
         a = api.sample(s, 4, "5", None, router, steps=5, seed=3)
         b = api.sample(ref, 4, "5", None, router, steps=5, seed=3)

@@ -176,8 +176,9 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
             if pol is None:
                 _fail("--user needs --policy FILE or a store policy (`cdm policy STORE --set FILE`)")
             permitted = pol.allowed(s, user)
-            if allowed is not None and set(allowed) - set(permitted):
-                _fail(f"user {user!r} may not use: {', '.join(sorted(set(allowed) - set(permitted)))}")
+            refused = sorted(set(allowed or ()) - set(permitted))
+            if refused:
+                _fail(f"user {user!r} may not use: {', '.join(refused)}")
             allowed = allowed or permitted
         elif policy is not None:
             _fail("--policy needs --user")

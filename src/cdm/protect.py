@@ -77,6 +77,7 @@ def forget(store: Store, items: list[str] | None = None, source: str | None = No
     for n in [*touched, PARAGON]:
         if (store.root / "checkpoints" / n).exists():
             prune_checkpoints(api.build_job(store, n, load_pixels=False), store.root / "checkpoints" / n)
+    for n in [*touched, PARAGON, ROUTER]:  # interrupted-training state may have seen the items too
         shutil.rmtree(store.root / "work" / n, ignore_errors=True)
 
     res = ForgetResult([r.hash for r in gone], dropped, [], invalid)
