@@ -26,7 +26,7 @@ def test_forget_item_is_bit_identical_to_training_without_it(tmp_path, digits, s
     s = make_store(tmp_path / "s", items, "iid:2", slices=3)
     api.train(s, paragon=True)
     victim = next(r for r in s.items() if r.slice == slice_)
-    (tmp_path / "s" / "work" / "router").mkdir(parents=True)
+    (tmp_path / "s" / "work" / "router").mkdir(parents=True, exist_ok=True)
     (tmp_path / "s" / "work" / "router" / "resume.pt").write_bytes(b"state of an interrupted router run")
     res = forget(s, items=[victim.hash])
     ref = make_store(tmp_path / "ref", [d for d in items if d.hash != victim.hash], "iid:2", slices=3)
