@@ -61,6 +61,9 @@ def test_cli_story(tmp_path):
     r = cdm("sample", st, "-n", "2", "--user", "alice", code=2)
     assert "needs --policy" in r.output
     assert "alice: digits-1" in cdm("policy", st, "--set", pol).stdout
+    assert json.loads(cdm("status", st, "--json").stdout)["policy"] == {
+        "alice": {"compartments": ["digits-1"], "restricted": True}}
+    assert "store policy: alice: digits-1" in cdm("status", st).stdout
 
 
 def test_cli_errors_are_clear_and_exit_2(tmp_path):

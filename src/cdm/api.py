@@ -33,7 +33,7 @@ def init_store(path: str | Path, image_size: int = 8, channels: int = 1, seed: i
     store = Store.init(path, StoreConfig(image_size, channels, seed, slices, max_labels))
     train = train or TrainConfig(preset=default_preset(image_size))
     unet_config(train.preset, image_size, channels, max_labels)  # fail now, not at train time
-    with store.tx() as db:
+    with store.writing("init"), store.tx() as db:
         store.set_meta(db, "train", asdict(train))
         store.set_meta(db, "router", asdict(router or RouterConfig()))
     return store
@@ -114,7 +114,13 @@ def train(store: Store, compartments: list[str] | None = None, paragon: bool = F
           steps: int | None = None, device: str = "cpu", progress: Progress | None = None,
           actor: str | None = None) -> list[TrainResult]:
     """Train every compartment without an up-to-date model (or the named ones), and optionally
-    the paragon and the classifier router. Interrupted work resumes from its last checkpoint."""
+    the paragon and the classifier router. Interrupted work resumes from its last checkpoint.
+    Holds the store's writer lock throughout."""
+    with store.writing("train"):
+        return _train(store, compartments, paragon, router, steps, device, progress, actor)
+
+
+def _train(store, compartments, paragon, router, steps, device, progress, actor) -> list[TrainResult]:
     if steps is not None:
         if steps < 1:
             raise StoreError(f"steps must be >= 1, got {steps}")
@@ -131,6 +137,11 @@ def train(store: Store, compartments: list[str] | None = None, paragon: bool = F
 def run_job(store: Store, job: TrainJob, device: str = "cpu", progress: Progress | None = None,
             actor: str | None = None) -> TrainResult:
     """Run one job (locally) and install its model atomically."""
+    with store.writing(f"train {job.name}"):
+        return _run_job(store, job, device, progress, actor)
+
+
+def _run_job(store, job, device, progress, actor) -> TrainResult:
     out = store.new_model_dir(job.name)
     try:
         res = train_job(job, out, store.root / "checkpoints" / job.name, store.root / "work" / job.name,
@@ -325,7 +336,16 @@ def status(store: Store) -> dict:
         for k, v in c.items():
             key = "-" if k is None else names[k]
             hist_all[key] = hist_all.get(key, 0) + v
-    return dict(store=str(store.root), config=asdict(cfg), train=asdict(train_config(store)),
+    from .policy import store_policy
+
+    pol, users = store_policy(store), {}
+    for u in sorted(pol.users) if pol else []:
+        try:
+            allowed = pol.allowed(store, u)
+            users[u] = dict(compartments=allowed, restricted=len(allowed) < len(comps))
+        except StoreError as e:
+            users[u] = dict(error=str(e))
+    return dict(store=str(store.root), config=asdict(cfg), train=asdict(train_config(store)), policy=users or None,
                 sources=store.sources(), items=sum(counts.values()), labels=hist_all, compartments=comps,
                 paragon=models[PARAGON], router=dict(
                     **models[ROUTER],

@@ -214,6 +214,9 @@ def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
                   " ".join(f"{k}:{v}" for k, v in r["labels"].items()))
     out.print(t)
     out.print(f"paragon: {st['paragon']['state']}   classifier router: {st['router']['state']}")
+    if st["policy"]:
+        out.print("store policy: " + "; ".join(f"{u}: {', '.join(r['compartments'])}" if "compartments" in r
+                                               else f"{u}: [red]{r['error']}[/]" for u, r in st["policy"].items()))
     out.print(f"[dim]note: {st['router']['note']}[/]")
 
 

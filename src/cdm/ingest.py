@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .data import DataError, Item, SplitRule, assign_slice, check_name
-from .store import PARAGON, ROUTER, Store, now
+from .store import PARAGON, ROUTER, Store, crashpoint, now
 
 
 @dataclass
@@ -33,6 +33,11 @@ def resize_items(items: list[Item], size: int, channels: int) -> list[Item]:
 
 
 def ingest(store: Store, source: str, items: list[Item], split: str, actor: str | None = None) -> IngestResult:
+    with store.writing(f"ingest {source}"):
+        return _ingest(store, source, items, split, actor)
+
+
+def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str | None) -> IngestResult:
     check_name("source", source)
     rule = SplitRule.parse(split)
     cfg = store.config
@@ -80,10 +85,16 @@ def ingest(store: Store, source: str, items: list[Item], split: str, actor: str 
         lid = None if it.label is None else labels[it.label]
         rows.append((h, source, rule.assign(source, h, lid, cfg.seed), assign_slice(h, cfg.slices, cfg.seed), lid))
 
-    for h, it in new.items():  # content-addressed: harmless if the transaction below never commits
+    # files first, named in a cleanup intent that the commit below voids: a killed ingest
+    # leaves the old state, and whoever next takes the writer lock deletes the orphans
+    with store.tx() as db:
+        intent = store.add_cleanup(db, [str(store.item_path(h).relative_to(store.root)) for h in new])
+    for h, it in new.items():
         store.write_item_file(h, it.pixels)
+    crashpoint("ingest:files-written")
     t = now()
     with store.tx() as db:
+        db.execute("DELETE FROM meta WHERE key=?", (intent,))
         if existing_rule is None:
             db.execute("INSERT INTO sources VALUES (?, ?, ?)", (source, str(rule), t))
         db.executemany("INSERT OR IGNORE INTO compartments VALUES (?, ?, ?)", [(c, source, t) for c in comps])

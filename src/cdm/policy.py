@@ -84,8 +84,8 @@ def store_policy(store: Store) -> Policy | None:
 
 
 def set_store_policy(store: Store, policy: Policy, actor: str | None = None) -> None:
-    policy.check(store)
-    with store.tx() as db:
+    with store.writing("policy"), store.tx() as db:
+        policy.check(store)
         store.set_meta(db, "policy", policy.text)
         store.log(db, "policy", {"users": {u: dict(sources=list(r.sources), compartments=list(r.compartments))
                                            for u, r in policy.users.items()}, "origin": policy.origin}, actor)

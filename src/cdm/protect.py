@@ -6,17 +6,20 @@ compartment resumes from the checkpoint before the item's slice (SISA, Bourtoule
 2021), so the result is bit-identical to training from scratch without the item
 (architecture.md, invariants 3 and 7). The classifier router and the paragon were
 trained on the item too: they are deleted and retrained. The `ito` router holds no data.
+
+Crash safety: the registry change and a cleanup intent naming every file that held the
+data commit together; a forget killed after that is finished by the next writer
+(`Store.recover`), and its retraining is resumed by `cdm train`.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 
 from . import api
-from .store import PARAGON, ROUTER, Store, StoreError
-from .train import Progress, prune_checkpoints
+from .store import PARAGON, ROUTER, Store, StoreError, crashpoint
+from .train import Progress, stale_checkpoints
 
 
 @dataclass
@@ -32,6 +35,28 @@ class ForgetResult:
 def forget(store: Store, items: list[str] | None = None, source: str | None = None,
            compartment: str | None = None, retrain: bool = True, device: str = "cpu",
            progress: Progress | None = None, actor: str | None = None) -> ForgetResult:
+    with store.writing("forget"):
+        return _forget(store, items, source, compartment, retrain, device, progress, actor)
+
+
+def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touched: list[str]) -> list[str]:
+    """Every file that may hold the forgotten items' influence, relative to the store root.
+    Call inside the forget transaction: checkpoints are judged against the registry without the items."""
+    root = store.root
+    paths = [store.item_path(r.hash) for r in gone]
+    for n in invalid:
+        base = root / "models" / n
+        paths += list(base.iterdir()) if base.is_dir() else []
+    paths += [root / sub / c for c in dropped for sub in ("models", "checkpoints", "work")]
+    for n in [*touched, PARAGON]:
+        ckpt = root / "checkpoints" / n
+        if ckpt.exists():
+            paths += stale_checkpoints(api.build_job(store, n, load_pixels=False), ckpt)
+    paths += [root / "work" / n for n in [*touched, PARAGON, ROUTER]]  # interrupted-training state
+    return [str(p.relative_to(root)) for p in paths]
+
+
+def _forget(store: Store, items, source, compartment, retrain, device, progress, actor) -> ForgetResult:
     t0 = time.perf_counter()
     if sum(x is not None and x != [] for x in (items, source, compartment)) != 1:
         raise StoreError("forget needs exactly one of: item hashes, a source, a compartment")
@@ -63,22 +88,13 @@ def forget(store: Store, items: list[str] | None = None, source: str | None = No
         db.executemany("DELETE FROM compartments WHERE name=?", [(c,) for c in dropped])
         if source is not None:
             db.execute("DELETE FROM sources WHERE name=?", (source,))
+        intent = store.add_cleanup(db, _held_data(store, gone, invalid, dropped, touched))
         store.log(db, "forget", dict(
             items=[dict(hash=r.hash, source=r.source, compartment=r.compartment, slice=r.slice) for r in gone],
             dropped=dropped, source=source, models_before=before), actor)
-    # after the commit: nothing that held the data may remain restorable
-    for r in gone:
-        store.item_path(r.hash).unlink(missing_ok=True)
-    for n in invalid:
-        store.gc_model_dirs(n)
-    for c in dropped:
-        for sub in ("models", "checkpoints", "work"):
-            shutil.rmtree(store.root / sub / c, ignore_errors=True)
-    for n in [*touched, PARAGON]:
-        if (store.root / "checkpoints" / n).exists():
-            prune_checkpoints(api.build_job(store, n, load_pixels=False), store.root / "checkpoints" / n)
-    for n in [*touched, PARAGON, ROUTER]:  # interrupted-training state may have seen the items too
-        shutil.rmtree(store.root / "work" / n, ignore_errors=True)
+    crashpoint("forget:committed")
+    store.finish_cleanup(intent)  # nothing that held the data remains restorable
+    crashpoint("forget:cleaned")
 
     res = ForgetResult([r.hash for r in gone], dropped, [], invalid)
     if ROUTER in existing:

@@ -10,16 +10,23 @@ Layout::
 
 Every registry write is one transaction; every file is written to a temporary name and
 renamed, so a crash leaves the old state or the new one (architecture.md, invariant 5).
+Writers hold an exclusive lock (STORE/.lock) for the length of their work. Files that an
+operation may leave behind if it is killed (item files of an uncommitted ingest, the data
+of a committed forget) are named in a *cleanup intent* in the registry before they can
+exist; whoever next takes the lock finishes the intent (`Store.recover`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -84,6 +91,12 @@ class ModelRow:
     trained: str
 
 
+def crashpoint(name: str) -> None:
+    """Crash-safety tests: SIGKILL this process at a named point when CDM_CRASHPOINT names it."""
+    if os.environ.get("CDM_CRASHPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -112,6 +125,7 @@ class Store:
 
     def __init__(self, root: Path, db: sqlite3.Connection, config: StoreConfig):
         self.root, self.db, self.config = root, db, config
+        self._lock_fd: int | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -155,10 +169,100 @@ class Store:
         if version != SCHEMA_VERSION:
             db.close()
             raise StoreError(f"{path}: schema version {version} is not supported (this cdm reads {SCHEMA_VERSION})")
-        return cls(root, db, config)
+        store = cls(root, db, config)
+        with contextlib.suppress(StoreError, OSError):  # finish interrupted work unless a writer is at it
+            with store.writing("recovery", wait=0):
+                pass
+        return store
 
     def close(self) -> None:
         self.db.close()
+
+    # --- the writer lock and crash recovery --------------------------------------------
+
+    @contextlib.contextmanager
+    def writing(self, what: str, wait: float = 10.0):
+        """Hold the store's writer lock (re-entrant); the first holder finishes interrupted work."""
+        if self._lock_fd is not None:
+            yield
+            return
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    os.close(fd)
+                    raise StoreError(f"{self.root} is busy: {holder} holds its writer lock; "
+                                     "try again when that work ends") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what} (pid {os.getpid()}, since {now()})".encode(), 0)
+        self._lock_fd = fd
+        try:
+            self.recover()
+            yield
+        finally:
+            self._lock_fd = None
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def add_cleanup(self, db: sqlite3.Connection, paths: list[str]) -> str:
+        """Record, inside a transaction, files to delete if the operation does not finish.
+
+        Paths are relative to the store root; an item file is spared if its item is registered
+        when the intent is finished (so an ingest intent is void once the ingest commits)."""
+        key = f"cleanup:{uuid.uuid4().hex}"
+        self.set_meta(db, key, {"paths": sorted(set(paths)), "time": now()})
+        return key
+
+    def finish_cleanup(self, key: str) -> int:
+        """Delete what an intent names, then drop the intent. Idempotent; returns paths removed."""
+        spec = self.get_meta(key)
+        if spec is None:
+            return 0
+        items = [p for p in spec["paths"] if p.startswith("items/")]
+        keep = self.has_items([Path(p).stem for p in items])
+        removed = 0
+        for rel in spec["paths"]:
+            p = self.root / rel
+            if rel.startswith("items/") and Path(rel).stem in keep:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed += 1
+            elif p.exists():
+                p.unlink(missing_ok=True)
+                removed += 1
+        with self.tx() as db:
+            db.execute("DELETE FROM meta WHERE key=?", (key,))
+        return removed
+
+    def pending_cleanups(self) -> list[str]:
+        return [k for (k,) in self.db.execute("SELECT key FROM meta WHERE key LIKE 'cleanup:%' ORDER BY key")]
+
+    def recover(self) -> dict:
+        """Finish what a killed writer left (call with the writer lock held): cleanup intents,
+        temporary files, model folders the registry does not point to."""
+        if self._lock_fd is None:
+            raise StoreError("recover needs the writer lock")
+        keys = self.pending_cleanups()
+        removed = sum(self.finish_cleanup(k) for k in keys)
+        temps = [p for pattern in (".tmp-*", "items/*/.tmp-*", "checkpoints/*/.tmp-*", "work/*/.tmp-*")
+                 for p in self.root.glob(pattern)]
+        for p in temps:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        models = self.root / "models"
+        for d in sorted(models.iterdir()) if models.is_dir() else []:
+            self.gc_model_dirs(d.name)
+        if keys:
+            with self.tx() as db:
+                self.log(db, "recover", {"finished": keys, "removed": removed, "temporary": len(temps)})
+        return dict(finished=keys, removed=removed, temporary=len(temps))
 
     def __enter__(self) -> "Store":
         return self
@@ -289,6 +393,10 @@ class Store:
     def install_model(self, name: str, kind: str, spec: str, tmp_dir: Path, weights_file: str,
                       info: dict, event: dict | None = None) -> ModelRow:
         """Rename the finished folder to its digest, then swap the registry row in one transaction."""
+        with self.writing(f"install {name}"):
+            return self._install(name, kind, spec, tmp_dir, weights_file, info, event)
+
+    def _install(self, name, kind, spec, tmp_dir, weights_file, info, event) -> ModelRow:
         digest = file_digest(tmp_dir / weights_file)
         final = tmp_dir.parent / digest[:16]
         if final.exists():
@@ -296,11 +404,13 @@ class Store:
         else:
             os.replace(tmp_dir, final)
         rel = str(final.relative_to(self.root))
+        crashpoint("install:renamed")
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (name, kind, spec, digest, rel, json.dumps(info), now()))
             if event is not None:
                 self.log(db, "train", {"model": name, "digest": digest, **event})
+        crashpoint("install:committed")
         self.gc_model_dirs(name)
         return self.model(name)
 
@@ -313,6 +423,8 @@ class Store:
             for d in base.iterdir():
                 if d.name != keep:
                     shutil.rmtree(d, ignore_errors=True)
+            if keep is None:
+                shutil.rmtree(base, ignore_errors=True)
 
     # --- events ----------------------------------------------------------------------
 

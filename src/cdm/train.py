@@ -137,20 +137,21 @@ def _stage_ckpt(ckpt_dir: Path, k: int, spec: str) -> Path:
     return ckpt_dir / f"stage-{k}-{spec[:16]}.pt"
 
 
-def prune_checkpoints(job: TrainJob, ckpt_dir: Path) -> list[str]:
-    """Delete every slice checkpoint that the job's current items no longer produce.
+def stale_checkpoints(job: TrainJob, ckpt_dir: Path) -> list[Path]:
+    """Slice checkpoints that the job's current items no longer produce.
 
-    After forgetting an item of slice k, the checkpoints of stages >= k held its influence;
-    they are removed here (architecture.md, invariant 7). Returns the deleted names.
-    """
+    After forgetting an item of slice k, the checkpoints of stages >= k held its influence
+    (architecture.md, invariant 7)."""
     valid = {_stage_ckpt(ckpt_dir, k, job.stage_spec(k)).name for k in range(job.stages)}
-    gone = []
-    if ckpt_dir.is_dir():
-        for p in sorted(ckpt_dir.iterdir()):
-            if p.name not in valid:
-                p.unlink()
-                gone.append(p.name)
-    return gone
+    return [p for p in sorted(ckpt_dir.iterdir()) if p.name not in valid] if ckpt_dir.is_dir() else []
+
+
+def prune_checkpoints(job: TrainJob, ckpt_dir: Path) -> list[str]:
+    """Delete the job's stale checkpoints; returns their names."""
+    gone = stale_checkpoints(job, ckpt_dir)
+    for p in gone:
+        p.unlink()
+    return [p.name for p in gone]
 
 
 def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, device: str = "cpu",
