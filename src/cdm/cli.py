@@ -220,6 +220,36 @@ def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
     out.print(f"[dim]note: {st['router']['note']}[/]")
 
 
+@app.command("eval")
+def eval_cmd(store: Path, samples: int = typer.Option(1000, help="Samples per model (1000+ separates models)."),
+             steps: int = typer.Option(50, help="Sampling steps."),
+             guidance: float = typer.Option(1.0, help="Classifier-free guidance scale."),
+             router: list[str] = typer.Option(["ito"], help="Routers to score (repeatable): ito, classifier, uniform."),
+             allow: Optional[str] = typer.Option(None, help="Comma-separated compartments (default: all)."),
+             paragon: Optional[bool] = typer.Option(None, "--paragon/--no-paragon", help="Score the paragon (default: when trained)."),
+             real: str = typer.Option("digits", help="Held-out real images: a builtin's test split or a folder."),
+             inception: Optional[Path] = typer.Option(None, help="TorchScript Inception file for Inception-FID."),
+             attribution: int = typer.Option(0, help="Unconditional samples for attribution accuracy (by-class splits)."),
+             seed: int = typer.Option(1), device: str = typer.Option("cpu"),
+             json_out: bool = typer.Option(False, "--json")) -> None:
+    """FID against held-out images (beside the real-vs-real floor), conditional accuracy, memorization."""
+    from .evaluate import EvalConfig, evaluate_store
+
+    with _open(store) as s:
+        if samples < 2 or steps < 1:
+            _fail("--samples must be >= 2 and --steps >= 1")
+        allowed = None if allow is None else [a.strip() for a in allow.split(",") if a.strip()]
+        cfg = EvalConfig(samples=samples, steps=steps, guidance=guidance, seed=seed, attribution_samples=attribution)
+        with err.status("evaluating") as st:
+            rep = evaluate_store(s, router, paragon, allowed, cfg, real, inception, device,
+                                 log=lambda m: st.update(m))
+    _emit(rep.to_dict(), json_out)
+    if not json_out:
+        out.print(f"reference: {rep.reference} (held-out), features: {rep.features}, {samples} samples, "
+                  f"{steps} steps, guidance {guidance}")
+        out.print(rep.table(), soft_wrap=True)
+
+
 @app.command()
 def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Item SHA-256 (repeatable)."),
            source: Optional[str] = typer.Option(None, help="Drop a whole source."),

@@ -91,3 +91,25 @@ class RouterNet(ModelMixin, ConfigMixin):
             scale, shift = film(e)[:, :, None, None].chunk(2, dim=1)
             h = h * (1 + scale) + shift
         return self.head(h)
+
+
+class FeatureNet(ModelMixin, ConfigMixin):
+    """Label classifier on clean images whose penultimate layer is the evaluation feature space
+    (our stand-in for Inception in FID, Heusel et al. 2017, trained on the data itself)."""
+
+    @register_to_config
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, features: int = 64):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, features), nn.SiLU())
+        self.head = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> (features, logits)."""
+        f = self.body(x)
+        return f, self.head(f)

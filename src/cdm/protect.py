@@ -53,6 +53,7 @@ def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touch
         if ckpt.exists():
             paths += stale_checkpoints(api.build_job(store, n, load_pixels=False), ckpt)
     paths += [root / "work" / n for n in [*touched, PARAGON, ROUTER]]  # interrupted-training state
+    paths.append(root / "eval")  # the evaluation feature extractor was trained on the items
     return [str(p.relative_to(root)) for p in paths]
 
 

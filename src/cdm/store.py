@@ -252,7 +252,8 @@ class Store:
             raise StoreError("recover needs the writer lock")
         keys = self.pending_cleanups()
         removed = sum(self.finish_cleanup(k) for k in keys)
-        temps = [p for pattern in (".tmp-*", "items/*/.tmp-*", "checkpoints/*/.tmp-*", "work/*/.tmp-*")
+        temps = [p for pattern in (".tmp-*", "items/*/.tmp-*", "checkpoints/*/.tmp-*", "work/*/.tmp-*",
+                                                 "eval/*/.tmp-*")
                  for p in self.root.glob(pattern)]
         for p in temps:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
