@@ -64,6 +64,12 @@ def test_cli_story(tmp_path):
     assert json.loads(cdm("status", st, "--json").stdout)["policy"] == {
         "alice": {"compartments": ["digits-1"], "restricted": True}}
     assert "store policy: alice: digits-1" in cdm("status", st).stdout
+    ev = json.loads(cdm("eval", st, "--samples", "20", "--steps", "2", "--router", "ito", "--router", "uniform",
+                        "--json").stdout)
+    assert [(m["name"], m["router"]) for m in ev["results"]] == [("cdm-2", "ito"), ("cdm-2", "uniform")]
+    assert ev["features"] == "cdm-features" and ev["floor"] > 0 and 0 <= ev["results"][0]["accuracy"] <= 1
+    r = cdm("eval", st, "--real", tmp_path / "nothing-here", code=2)
+    assert "nothing-here" in r.output
 
 
 def test_cli_errors_are_clear_and_exit_2(tmp_path):
@@ -87,6 +93,7 @@ def test_demo_writes_a_report(tmp_path):
     cdm("demo", "--out", out, "--quick", "--steps", "4", "--preset", "tiny", "--samples-per-label", "1")
     report = (out / "report.md").read_text()
     assert "## Attribution" in report and "ito router" in report
+    assert "## Evaluation" in report and "| paragon |" in report and "| cdm-4 | uniform |" in report
     for name in ("grid-0.png", "grid-1.png", "weights-ito-4.png"):
         assert (out / name).exists()
     grid = np.asarray(Image.open(out / "grid-1.png"))

@@ -138,3 +138,46 @@ def test_classifier_router_picks_the_right_compartment(tmp_path):
                  None, 2, 1.0, 50, torch.Generator().manual_seed(1))
     d = torch.stack([((res.images - m) ** 2).flatten(1).sum(1) for m in means], 1)
     assert (res.final.argmax(1) == d.argmin(1)).double().mean() > 0.95
+
+
+def _mix_sample(router, prune, n=600, steps=50, seed=0, commit=None):
+    sched = make_scheduler(SCHED, "ddpm")
+    mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in MEANS], router, PI.log().expand(n, 3), prune, commit,
+                  torch.Generator().manual_seed(5))
+    noise = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    res = sample(mix, sched, noise, None, 0, 1.0, steps, torch.Generator().manual_seed(seed))
+    return res, mix
+
+
+def test_pruning_with_an_infinite_margin_is_bit_identical_to_dense():
+    for router in (ItoRouter, UniformRouter):
+        dense, m0 = _mix_sample(router(), None)
+        inf, m1 = _mix_sample(router(), float("inf"))
+        assert torch.equal(dense.images, inf.images) and torch.equal(dense.weights, inf.weights)
+        assert m0.evaluations == m1.evaluations == 600 * 3 * 50
+
+
+def test_ito_pruning_saves_evaluations_and_keeps_the_answer():
+    dense, md = _mix_sample(ItoRouter(), None)
+    res, mp = _mix_sample(ItoRouter(), 5.0)
+    assert mp.evaluations < 0.9 * md.evaluations  # weights concentrate late: a safe margin saves ~17% here
+    d = torch.stack([((res.images - m) ** 2).flatten(1).sum(1) for m in MEANS], 1)
+    frac = torch.bincount(d.argmin(1), minlength=3).double() / len(d)
+    assert torch.allclose(frac, PI, atol=0.05)  # still samples the union
+    assert (res.final.argmax(1) == d.argmin(1)).double().mean() > 0.98
+    dropped = res.weights == 0  # (steps, B, K): once dropped under ito, never back
+    assert dropped.any() and (dropped[:-1] <= dropped[1:]).all()
+    with pytest.raises(ValueError, match="prune must be a margin"):
+        _mix_sample(ItoRouter(), -1.0)
+
+
+@pytest.mark.parametrize("commit", [0.0, 0.5])
+def test_commit_samples_the_same_union_at_a_fraction_of_the_cost(commit):
+    res, mix = _mix_sample(ItoRouter(), None, n=1500, commit=commit)
+    d = torch.stack([((res.images - m) ** 2).flatten(1).sum(1) for m in MEANS], 1)
+    frac = torch.bincount(d.argmin(1), minlength=3).double() / len(d)
+    assert torch.allclose(frac, PI, atol=0.04)  # drawing a compartment from p(i | x_t) is exact
+    assert mix.evaluations == pytest.approx(1500 * 50 * (1 + 2 * commit), rel=0.03)
+    assert (res.final.max(1).values == 1).all() and (res.final.argmax(1) == d.argmin(1)).all()
+    with pytest.raises(ValueError, match="commit must be a fraction"):
+        _mix_sample(ItoRouter(), None, commit=1.5)

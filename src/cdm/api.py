@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -171,6 +172,7 @@ class Generation:
     final: np.ndarray | None  # (N, K) weights at the end of sampling
     trace: np.ndarray | None  # (steps, N, K) weights at every step
     router: str | None
+    evaluations: int = 0  # model evaluations (rows x models x steps, CFG rows included)
 
     def records(self, files: list[str] | None = None) -> list[dict]:
         out = []
@@ -186,7 +188,8 @@ class Generation:
 
 
 def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
-    """Load one live model, checking its weights against the registry digest."""
+    """Load one live model, checking its weights file against the registry digest on every call;
+    a model already in memory with that digest is reused (models are never modified in place)."""
     row = store.model(name)
     if row is None:
         raise StoreError(f"compartment {name!r} is not trained; run `cdm train`")
@@ -197,15 +200,40 @@ def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
         ok = False
     if not ok:
         raise StoreError(f"model files of {name!r} ({folder}) are missing or corrupted; retrain with `cdm train`")
-    return UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+    key = (str(folder.resolve()), row.digest, str(device))
+    with _UNETS_LOCK:
+        if key in _UNETS:
+            _UNETS[key] = _UNETS.pop(key)  # most recently used last
+            return _UNETS[key]
+    unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval().requires_grad_(False)
+    with _UNETS_LOCK:
+        _UNETS[key] = unet
+        while len(_UNETS) > UNET_CACHE:
+            _UNETS.pop(next(iter(_UNETS)))
+    return unet
+
+
+UNET_CACHE = 32  # models kept in memory across calls, keyed by folder, weights digest and device
+_UNETS: dict[tuple, UNet2DModel] = {}
+_UNETS_LOCK = threading.Lock()
+
+
+def forget_unused_models() -> None:
+    """Drop models from memory whose folder is gone (replaced or forgotten)."""
+    with _UNETS_LOCK:
+        for key in [k for k in _UNETS if not Path(k[0]).exists()]:
+            _UNETS.pop(key, None)
 
 
 def sample(store: Store, n: int, label: str | list[str] | None = None, allow: list[str] | None = None, router: str = "ito",
            steps: int = 50, guidance: float = 2.0, seed: int = 0, sampler: str = "ddpm", device: str = "cpu",
-           paragon: bool = False, batch_size: int = 256, callback=None) -> Generation:
+           paragon: bool = False, batch_size: int = 256, callback=None, prune: float | None = None,
+           commit: float | None = None) -> Generation:
     """Sample n images from the composition of `allow` (default: every compartment).
 
     `label` is one label for all samples, a list with one per sample, or None (unconditional).
+    `prune` (margin in nats) and `commit` (fraction of the trajectory) make the composition
+    sparse (see `compose.Mixture`); with both None every compartment is evaluated.
 
     Only models of composed compartments are opened (architecture.md, invariant 4).
     """
@@ -215,51 +243,57 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
         raise StoreError(f"unknown router {router!r}; available: {', '.join(ROUTERS)}")
     if guidance < 0 or not math.isfinite(guidance):
         raise StoreError(f"guidance must be a finite number >= 0, got {guidance}")
-    labels = store.labels()
-    per_sample = [label] * n if label is None or isinstance(label, str) else list(label)
-    if len(per_sample) != n:
-        raise StoreError(f"got {len(per_sample)} labels for n={n} samples")
-    if any(lab is None for lab in per_sample) and not all(lab is None for lab in per_sample):
-        raise StoreError("give a label for every sample, or for none")
-    unknown = sorted({lab for lab in per_sample if lab is not None and lab not in labels})
-    if unknown:
-        raise StoreError(f"unknown label(s) {', '.join(map(repr, unknown))}; the store has: "
-                         f"{', '.join(labels) or 'no labels'}")
-    lids = None if per_sample[0] is None else [labels[lab] for lab in per_sample]
-    if paragon:
-        names = [PARAGON]
-        if model_state(store, PARAGON) != "ready":
-            raise StoreError("the paragon is not trained or out of date; run `cdm train --paragon`")
-    else:
-        names = store.require_compartments(allow) if allow is not None else sorted(store.compartments())
-        if not names:
-            raise StoreError("nothing to compose: the allowed set of compartments is empty")
-        for c in names:
-            state = model_state(store, c)
-            if state != "ready":
-                raise StoreError(f"compartment {c!r} is {'not trained' if state == 'missing' else 'out of date'}; "
-                                 f"run `cdm train`")
-    hist = store.label_counts()
-    for lab in sorted(set(per_sample) - {None}):
-        if not any(hist.get(c, {}).get(labels[lab], 0) for c in (names if not paragon else hist)):
-            raise StoreError(f"label {lab!r} is in none of the composed compartments ({', '.join(names)})")
+    if prune is not None and not prune >= 0:
+        raise StoreError(f"prune must be a margin >= 0 in nats, got {prune}")
+    if commit is not None and not 0 <= commit <= 1:
+        raise StoreError(f"commit must be a fraction of the trajectory in [0, 1], got {commit}")
+    with store.snapshot():  # one registry snapshot: old models or new ones, never a mix
+        labels = store.labels()
+        per_sample = [label] * n if label is None or isinstance(label, str) else list(label)
+        if len(per_sample) != n:
+            raise StoreError(f"got {len(per_sample)} labels for n={n} samples")
+        if any(lab is None for lab in per_sample) and not all(lab is None for lab in per_sample):
+            raise StoreError("give a label for every sample, or for none")
+        unknown = sorted({lab for lab in per_sample if lab is not None and lab not in labels})
+        if unknown:
+            raise StoreError(f"unknown label(s) {', '.join(map(repr, unknown))}; the store has: "
+                             f"{', '.join(labels) or 'no labels'}")
+        lids = None if per_sample[0] is None else [labels[lab] for lab in per_sample]
+        if paragon:
+            names = [PARAGON]
+            if model_state(store, PARAGON) != "ready":
+                raise StoreError("the paragon is not trained or out of date; run `cdm train --paragon`")
+        else:
+            names = store.require_compartments(allow) if allow is not None else sorted(store.compartments())
+            if not names:
+                raise StoreError("nothing to compose: the allowed set of compartments is empty")
+            for c in names:
+                state = model_state(store, c)
+                if state != "ready":
+                    raise StoreError(f"compartment {c!r} is {'not trained' if state == 'missing' else 'out of date'}; "
+                                     f"run `cdm train`")
+        hist = store.label_counts()
+        for lab in sorted(set(per_sample) - {None}):
+            if not any(hist.get(c, {}).get(labels[lab], 0) for c in (names if not paragon else hist)):
+                raise StoreError(f"label {lab!r} is in none of the composed compartments ({', '.join(names)})")
 
-    dev = torch.device(device)
-    unets = [load_unet(store, c, device) for c in names]
-    sched_conf = _scheduler_config(store, names[0])
-    make_scheduler(sched_conf, sampler)  # validates the sampler name before any work
-    comp_router = None
-    if not paragon:
-        comp_router = {"uniform": UniformRouter, "ito": ItoRouter}.get(router)
-        comp_router = comp_router() if comp_router else _classifier(store, names, device)
-        if comp_router.stochastic_only and sampler != "ddpm":
-            raise StoreError(f"router {router!r} needs the stochastic ddpm sampler, not {sampler!r}; "
-                             f"use --sampler ddpm or --router classifier")
+        dev = torch.device(device)
+        unets = [load_unet(store, c, device) for c in names]
+        sched_conf = _scheduler_config(store, names[0])
+        make_scheduler(sched_conf, sampler)  # validates the sampler name before any work
+        comp_router = None
+        if not paragon:
+            comp_router = {"uniform": UniformRouter, "ito": ItoRouter}.get(router)
+            comp_router = comp_router() if comp_router else _classifier(store, names, device)
+            if comp_router.stochastic_only and sampler != "ddpm":
+                raise StoreError(f"router {router!r} needs the stochastic ddpm sampler, not {sampler!r}; "
+                                 f"use --sampler ddpm or --router classifier")
     null = null_label(store)
     cfg = store.config
     gen = torch.Generator().manual_seed(seed)
     noise_all = torch.randn((n, cfg.channels, cfg.image_size, cfg.image_size), generator=gen)
-    images, att, fin, trace = [], [], [], []
+    images, att, fin, trace, evals = [], [], [], [], 0
+    draws = torch.Generator().manual_seed(seed + 0x5EED)  # compartment draws of `commit`
     for s in range(0, n, batch_size):
         noise = noise_all[s:s + batch_size].to(dev)
         b = noise.shape[0]
@@ -271,18 +305,21 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
             uncond = _log_prior(hist, names, None, b)
             two = lids is not None and guidance != 1.0
             prior = torch.cat([cond, uncond]) if two else (cond if cond is not None else uncond)
-            den = Mixture([unet_denoiser(u) for u in unets], comp_router, prior.to(dev))
+            den = Mixture([unet_denoiser(u) for u in unets], comp_router, prior.to(dev), prune, commit, draws,
+                          sched_conf["num_train_timesteps"])
         with torch.inference_mode():
             res: SampleResult = run_sampler(den, make_scheduler(sched_conf, sampler), noise, y, null,
                                             guidance, steps, gen, callback)
         images.append(to_uint8_images(res.images.float().cpu().numpy()))
+        rows = b * (2 if lids is not None and guidance != 1.0 else 1)
+        evals += den.evaluations if isinstance(den, Mixture) else rows * steps
         if res.weights is not None:
             att.append(res.attribution.numpy())
             fin.append(res.final.double().numpy())
             trace.append(res.weights.numpy())
     cat = (lambda xs, ax=0: np.concatenate(xs, axis=ax) if xs else None)
     return Generation(np.concatenate(images), per_sample, names, cat(att), cat(fin), cat(trace, 1),
-                      None if paragon else router)
+                      None if paragon else router, evals)
 
 
 def _scheduler_config(store: Store, name: str) -> dict:

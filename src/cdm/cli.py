@@ -162,6 +162,11 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
            seed: int = typer.Option(0), paragon: bool = typer.Option(False, help="Sample the paragon instead."),
            user: Optional[str] = typer.Option(None, help="Compose exactly what this user may use."),
            policy: Optional[Path] = typer.Option(None, help="Policy TOML (default: the store's policy)."),
+           prune: Optional[float] = typer.Option(None, help="Sparse routing: skip compartments this many nats "
+                                                            "below the leader (default: evaluate all)."),
+           commit: Optional[float] = typer.Option(None, help="Sparse routing: after this fraction of the steps, "
+                                                             "each sample continues with one compartment drawn "
+                                                             "from its weights."),
            out_dir: Path = typer.Option(Path("samples"), "--out", help="Where the PNGs go."),
            device: str = typer.Option("cpu"), json_out: bool = typer.Option(False, "--json")) -> None:
     """Sample from a composition of compartments, with per-sample attribution."""
@@ -182,7 +187,8 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
             allowed = allowed or permitted
         elif policy is not None:
             _fail("--policy needs --user")
-        g = api.sample(s, n, label, allowed, router, steps, guidance, seed, sampler, device, paragon)
+        g = api.sample(s, n, label, allowed, router, steps, guidance, seed, sampler, device, paragon, prune=prune,
+                       commit=commit)
         files, grid = write_samples(g.images, out_dir)
         recs = g.records(files)
     _emit({"grid": grid, "compartments": g.compartments, "router": g.router, "samples": recs}, json_out)
@@ -248,6 +254,38 @@ def eval_cmd(store: Path, samples: int = typer.Option(1000, help="Samples per mo
         out.print(f"reference: {rep.reference} (held-out), features: {rep.features}, {samples} samples, "
                   f"{steps} steps, guidance {guidance}")
         out.print(rep.table(), soft_wrap=True)
+
+
+@app.command()
+def key(user: str = typer.Option(..., help="Whose key (for the hint printed)."),
+        json_out: bool = typer.Option(False, "--json")) -> None:
+    """Make a new API key for `cdm serve`: give the key to the user, put its hash in the policy."""
+    from .policy import new_key
+
+    k, h = new_key()
+    _emit({"user": user, "key": k, "sha256": h}, json_out)
+    if not json_out:
+        out.print(f"key for {user}: {k}\nadd to the policy:\n  [users.{user}]\n  keys = [\"{h}\"]")
+
+
+@app.command()
+def serve(store: Path, policy: Path = typer.Option(..., help="Policy TOML: users, their compartments, key hashes."),
+          host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
+          max_n: int = typer.Option(16, help="Most images per request."),
+          max_steps: int = typer.Option(100, help="Most sampler steps per request."),
+          workers: int = typer.Option(1, help="Requests sampled at once."),
+          queue: int = typer.Option(8, help="Requests waiting beyond those (more get 503)."),
+          device: str = typer.Option("cpu")) -> None:
+    """Serve compositions over HTTP, each API key limited to its user's compartments (docs at /docs)."""
+    import uvicorn
+
+    from .policy import Policy
+    from .serve import ServeConfig, create_app
+
+    with _errors():
+        app_ = create_app(store, Policy.load(policy), ServeConfig(max_n=max_n, max_steps=max_steps, workers=workers,
+                                                                 queue=queue, device=device))
+    uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
 @app.command()

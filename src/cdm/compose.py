@@ -120,21 +120,62 @@ class Mixture:
 
     `log_prior` (rows, K) holds log pi_i per row, -inf where compartment i is not eligible
     (e.g. it has no item of that row's label). Call `observe` after each sampler step.
+
+    Sparse composition; each model then runs once per step on just the rows that need it:
+    - `prune` (nats): a compartment whose log-weight in a row falls more than `prune` below
+      the leader's is not evaluated for that row, and the remaining weights are renormalised.
+      The posterior p(i | x_t) is a martingale along the reverse trajectory, so a compartment
+      at weight w later wins with probability at most ~2w: the margin bounds the error.
+      Under a stateful router (`ito`) a pruned compartment is dropped for good.
+    - `commit` (fraction of the trajectory, 0..1): once that much of the trajectory is done,
+      each sample draws one compartment from its current weights and continues with it alone.
+      Given x_t, the mixture's reverse process is component i's with probability p(i | x_t),
+      so this samples the same distribution (exactly, for exact models and weights, without
+      guidance); under guidance a sample's conditional and unconditional rows share the draw.
+    With both None every compartment is evaluated: the dense mixture, bit for bit.
     """
 
-    def __init__(self, denoisers: list[Denoiser], router: Router, log_prior: torch.Tensor):
+    def __init__(self, denoisers: list[Denoiser], router: Router, log_prior: torch.Tensor,
+                 prune: float | None = None, commit: float | None = None, generator: torch.Generator | None = None,
+                 num_train_timesteps: int = 1000):
         if log_prior.shape[1] != len(denoisers):
             raise ValueError(f"log_prior has {log_prior.shape[1]} columns for {len(denoisers)} denoisers")
         if not torch.isfinite(log_prior).any(dim=1).all():
             raise ValueError("every row needs at least one eligible compartment")
-        self.denoisers, self.router = denoisers, router
+        if prune is not None and not prune >= 0:
+            raise ValueError(f"prune must be a margin >= 0 (nats) or None, got {prune}")
+        if commit is not None and not 0 <= commit <= 1:
+            raise ValueError(f"commit must be a fraction of the trajectory in [0, 1] or None, got {commit}")
+        self.denoisers, self.router, self.prune = denoisers, router, prune
+        self.commit_t = None if commit is None else (1 - commit) * (num_train_timesteps - 1)
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self.tie: int | None = None  # set by `sample` under guidance: rows i and i + tie are one sample
+        self.committed = False
         self.state = router.init(log_prior)
+        self.active = torch.isfinite(log_prior)  # (rows, K): evaluated in the last call
+        self.evaluations = 0  # rows x models actually evaluated, for the benchmarks
         self.last_weights: torch.Tensor | None = None
         self._last: tuple | None = None
 
+    @property
+    def sparse(self) -> bool:
+        return self.prune is not None or self.commit_t is not None
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        eps = torch.stack([d(x, t, labels) for d in self.denoisers], dim=1)  # (B, K, C, H, W)
-        w = self.router.weights(self.state, x, t, labels)
+        if not self.sparse:
+            eps = torch.stack([d(x, t, labels) for d in self.denoisers], dim=1)  # (B, K, C, H, W)
+            w = self.router.weights(self.state, x, t, labels)
+            self.evaluations += x.shape[0] * len(self.denoisers)
+        else:
+            w, keep = self._sparse_weights(x, t, labels)
+            eps = x.new_zeros((x.shape[0], len(self.denoisers), *x.shape[1:]))
+            for k, d in enumerate(self.denoisers):
+                rows = keep[:, k].nonzero().flatten()
+                if len(rows) == len(x):
+                    eps[:, k] = d(x, t, labels)
+                elif len(rows):
+                    eps[rows, k] = d(x[rows], t[rows], labels[rows])
+                self.evaluations += len(rows)
         self.last_weights, self._last = w, (x, eps)
         wf = w.to(eps.dtype)
         out = wf[:, 0, None, None, None] * eps[:, 0]
@@ -142,9 +183,35 @@ class Mixture:
             out = out + wf[:, k, None, None, None] * eps[:, k]
         return out
 
+    def _sparse_weights(self, x, t, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights (zero where not evaluated) and the (rows, K) mask of what to evaluate."""
+        if self.committed:
+            return self.active.to(torch.float64), self.active
+        w = self.router.weights(self.state, x, t, labels)
+        keep = w > 0
+        if self.prune is not None:
+            logw = torch.log(w)
+            keep &= logw >= logw.max(dim=1, keepdim=True).values - self.prune
+        if self.router.stochastic_only:  # sticky: a dropped density cannot be tracked again
+            keep &= self.active
+        cut = (keep != (w > 0)).any(dim=1, keepdim=True)  # rows that lost a compartment: renormalise
+        masked = torch.where(keep, w, 0.0)
+        w = torch.where(cut, masked / masked.sum(1, keepdim=True), w)
+        if self.commit_t is not None and float(t.max()) <= self.commit_t:
+            draw_rows = w if self.tie is None else w[:self.tie]
+            pick = torch.multinomial(draw_rows.float().cpu(), 1, generator=self.generator).flatten()
+            if self.tie is not None:
+                pick = torch.cat([pick, pick])
+            keep = torch.nn.functional.one_hot(pick, w.shape[1]).bool().to(w.device)
+            w, self.committed = keep.to(torch.float64), True
+        self.active = keep
+        return w, keep
+
     def observe(self, x_prev: torch.Tensor, alpha_bar: float, alpha_bar_prev: float) -> None:
         x, eps = self._last
         self.state = self.router.update(self.state, x, x_prev, eps, alpha_bar, alpha_bar_prev)
+        if self.sparse and self.router.stochastic_only:
+            self.state = torch.where(self.active, self.state, -torch.inf)
 
     def final_weights(self) -> torch.Tensor:
         """Weights after the last observed step (for `ito`, they describe x_0)."""
@@ -200,6 +267,8 @@ def sample(denoiser: Denoiser | Mixture, scheduler, noise: torch.Tensor, labels:
         rows, cfg = labels, False
     else:
         rows, cfg = torch.cat([labels, null]), True
+    if mixture is not None and cfg:
+        mixture.tie = b
     scheduler.set_timesteps(steps)
     timesteps = [int(t) for t in scheduler.timesteps]
     abar = scheduler.alphas_cumprod

@@ -67,6 +67,7 @@ class Metrics:
     memorized_by_compartment: dict[str, float] = field(default_factory=dict)  # by top-attributed compartment
     attribution_accuracy: float | None = None
     sample_seconds: float = 0.0
+    evaluations_per_sample_step: float = 0.0  # model evaluations per sample per sampler step
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -189,7 +190,8 @@ class Evaluator:
     """Held-out real images and the store's training items, featurised once; `run` scores one model."""
 
     def __init__(self, store: Store, real: list[Item], cfg: EvalConfig = EvalConfig(),
-                 inception: str | Path | None = None, device: str = "cpu", extractor: ExtractorConfig = ExtractorConfig()):
+                 inception: str | Path | None = None, device: str = "cpu", extractor: ExtractorConfig = ExtractorConfig(),
+                 features: Features | None = None):
         if len(real) < 2:
             raise StoreError("evaluation needs held-out real images (at least 2)")
         want = (store.config.image_size, store.config.image_size, store.config.channels)
@@ -197,7 +199,7 @@ class Evaluator:
         if bad:
             raise StoreError(f"{len(bad)} held-out image(s) do not have the store's shape {want}: {', '.join(bad[:5])}")
         self.store, self.cfg, self.device = store, cfg, device
-        self.features = Features(store, inception, device, extractor)
+        self.features = features or Features(store, inception, device, extractor)
         self.real_feats, _ = self.features(np.stack([it.pixels for it in real]))
         rows = store.items()
         self.train_hashes = [r.hash for r in rows]
@@ -211,7 +213,8 @@ class Evaluator:
         pick = np.random.default_rng(self.cfg.seed).choice(len(self.train_pixels), n, replace=False)
         return frechet_distance(self.features(self.train_pixels[pick])[0], self.real_feats)
 
-    def run(self, name: str, allow: list[str] | None = None, router: str = "ito", paragon: bool = False) -> Metrics:
+    def run(self, name: str, allow: list[str] | None = None, router: str = "ito", paragon: bool = False,
+            prune: float | None = None, commit: float | None = None) -> Metrics:
         cfg, store = self.cfg, self.store
         comps = [PARAGON] if paragon else (sorted(allow) if allow else sorted(store.compartments()))
         hist = store.label_counts()
@@ -220,7 +223,8 @@ class Evaluator:
         labels = [self.label_names[present[i % len(present)]] for i in range(cfg.samples)] if present else None
         t0 = time.perf_counter()
         gen = api.sample(store, cfg.samples, labels, None if paragon else comps, router, cfg.steps, cfg.guidance,
-                         cfg.seed, device=self.device, paragon=paragon, batch_size=cfg.batch_size)
+                         cfg.seed, device=self.device, paragon=paragon, batch_size=cfg.batch_size, prune=prune,
+                         commit=commit)
         seconds = time.perf_counter() - t0
         feats, preds = self.features(gen.images)
         acc = None
@@ -235,7 +239,8 @@ class Evaluator:
             by_comp = {c: float(mem[top == c].mean()) for c in gen.compartments if (top == c).any()}
         m = Metrics(name, None if paragon else router, gen.compartments, cfg.samples,
                     frechet_distance(feats, self.real_feats), acc, float(mem.mean()), by_comp,
-                    sample_seconds=round(seconds, 3))
+                    sample_seconds=round(seconds, 3),
+                    evaluations_per_sample_step=round(gen.evaluations / (cfg.samples * cfg.steps), 4))
         if cfg.attribution_samples and not paragon and len(comps) > 1 and self.features.net is not None:
             m.attribution_accuracy = self.attribution_accuracy(comps, router)
         return m

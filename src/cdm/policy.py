@@ -1,16 +1,24 @@
 """Access policies: which compartments each user may compose.
 
-A policy is TOML; each user names sources (all their compartments) and/or compartments:
+A policy is TOML; each user names sources (all their compartments) and/or compartments,
+and, for `cdm serve`, the SHA-256 of each API key they may use (`cdm key` makes one) and
+whether they are an admin (may forget through the API):
 
     [users.alice]
     sources = ["digits"]
     compartments = ["museum"]
+    keys = ["<sha256 of alice's key>"]
+    admin = false
 
 A user's composition is exactly their allowed set, and only those models are opened.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import re
+import secrets
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +30,18 @@ from .store import Store, StoreError
 class UserRule:
     sources: tuple[str, ...] = ()
     compartments: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()  # sha256 hex of API keys
+    admin: bool = False
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str]:
+    """A fresh API key and the hash to put in the policy."""
+    key = "cdm_" + secrets.token_urlsafe(24)
+    return key, hash_key(key)
 
 
 @dataclass(frozen=True)
@@ -41,13 +61,26 @@ class Policy:
             raise StoreError(f"{origin}: unknown top-level field(s) {', '.join(sorted(extra))}; expected [users.NAME]")
         users = {}
         for name, rule in data.get("users", {}).items():
-            if not isinstance(rule, dict) or set(rule) - {"sources", "compartments"}:
-                raise StoreError(f"{origin}: users.{name} may only have 'sources' and 'compartments' lists")
-            for key in ("sources", "compartments"):
+            if not isinstance(rule, dict) or set(rule) - {"sources", "compartments", "keys", "admin"}:
+                raise StoreError(f"{origin}: users.{name} may only have 'sources', 'compartments', 'keys' lists "
+                                 f"and 'admin'")
+            for key in ("sources", "compartments", "keys"):
                 v = rule.get(key, [])
                 if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                    raise StoreError(f"{origin}: users.{name}.{key} must be a list of names")
-            users[name] = UserRule(tuple(rule.get("sources", [])), tuple(rule.get("compartments", [])))
+                    raise StoreError(f"{origin}: users.{name}.{key} must be a list of strings")
+            bad = [k for k in rule.get("keys", []) if not re.fullmatch(r"[0-9a-f]{64}", k)]
+            if bad:
+                raise StoreError(f"{origin}: users.{name}.keys must hold SHA-256 hex digests of keys (`cdm key`), "
+                                 f"never keys themselves")
+            if not isinstance(rule.get("admin", False), bool):
+                raise StoreError(f"{origin}: users.{name}.admin must be true or false")
+            users[name] = UserRule(tuple(rule.get("sources", [])), tuple(rule.get("compartments", [])),
+                                   tuple(rule.get("keys", [])), rule.get("admin", False))
+        owners: dict[str, str] = {}
+        for name, r in users.items():
+            for k in r.keys:
+                if owners.setdefault(k, name) != name:
+                    raise StoreError(f"{origin}: one key is listed for users {owners[k]} and {name}")
         if not users:
             raise StoreError(f"{origin}: names no users")
         return cls(users, text, origin)
@@ -58,6 +91,18 @@ class Policy:
         if not p.is_file():
             raise StoreError(f"policy file not found: {p}")
         return cls.parse(p.read_text(), str(p))
+
+    def user_for_key(self, key: str | None) -> str | None:
+        """The user an API key belongs to, or None (compared as hashes, in constant time)."""
+        if not key:
+            return None
+        h = hash_key(key)
+        found = None
+        for name, r in self.users.items():
+            for k in r.keys:
+                if hmac.compare_digest(k, h):
+                    found = name
+        return found
 
     def check(self, store: Store) -> None:
         """Every source and compartment the policy names must exist in the store."""

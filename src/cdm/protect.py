@@ -95,6 +95,7 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
             dropped=dropped, source=source, models_before=before), actor)
     crashpoint("forget:committed")
     store.finish_cleanup(intent)  # nothing that held the data remains restorable
+    api.forget_unused_models()  # nor any copy in this process's memory
     crashpoint("forget:cleaned")
 
     res = ForgetResult([r.hash for r in gone], dropped, [], invalid)

@@ -282,6 +282,20 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def snapshot(self):
+        """A consistent read of the registry: a writer's commit waits until the block ends, and
+        files a commit makes obsolete are only deleted after it (architecture.md, invariant 5)."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            self.db.execute("SELECT 1 FROM meta LIMIT 1").fetchall()  # take the shared lock now
+            yield
+        finally:
+            self.db.execute("COMMIT")
+
     # --- meta ------------------------------------------------------------------------
 
     def get_meta(self, key: str, default=None):

@@ -1,0 +1,104 @@
+"""Sampling speed: images per second of the paragon and of CDM-K compositions with each
+router, side by side in one run (configurations interleaved within each repeat), medians
+over repeats. Speed does not depend on how well the models are trained, so without --work
+the stores are trained for one step only. With --prune, CDM-K is also timed with sparse
+composition at each setting, and with --fid N each configuration's FID (N samples) is measured
+so the speed/quality curve comes from one run. Prints JSON, then a table.
+
+    python bench/sampling.py --work bench-work/quality/full   # the quality bench's stores
+    python bench/sampling.py --work bench-work/quality/full --ks 8 --routers ito \\
+        --sparse prune=5,commit=0.5,commit=0.2,commit=0 --fid 1000
+    python bench/sampling.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import console, digits_store, train  # noqa: E402
+
+from cdm import api  # noqa: E402
+from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items  # noqa: E402
+from cdm.train import RouterConfig, TrainConfig  # noqa: E402
+
+ROUTERS = ["ito", "classifier", "uniform"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--work", type=Path, default=None, help="folder with trained iid-K stores (quality bench)")
+    ap.add_argument("--ks", default="2,4,8")
+    ap.add_argument("-n", type=int, default=None, help="images per call (default 250; quick 50)")
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 25; quick 10)")
+    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=None, help="default 5; quick 2")
+    ap.add_argument("--routers", default=",".join(ROUTERS))
+    ap.add_argument("--sparse", default="", help="comma-separated settings to time beside dense, "
+                                                 "e.g. prune=5,commit=0.5 (see cdm.compose.Mixture)")
+    ap.add_argument("--fid", type=int, default=0, help="also measure FID with this many samples per configuration")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    q = args.quick
+    ks = [int(k) for k in args.ks.split(",")]
+    n, steps, repeats = args.n or (50 if q else 250), args.steps or (10 if q else 25), args.repeats or (2 if q else 5)
+    work = args.work or Path("bench-work/sampling")
+    stores = {}
+    for k in ks:
+        s = digits_store(work / f"iid-{k}", f"iid:{k}", TrainConfig(preset="small", steps=1),
+                         RouterConfig(steps=1))
+        train(s, paragon=k == ks[0])
+        stores[k] = s
+    routers = args.routers.split(",")
+    settings = [{}] + [{kv.split("=")[0]: float(kv.split("=")[1])} for kv in args.sparse.split(",") if kv.strip()]
+    configs = [("paragon", ks[0], None, {})] + [
+        (" ".join([f"cdm-{k} {r}", *(f"{a} {v:g}" for a, v in m.items())]), k, r, m)
+        for k in ks for r in routers for m in settings]
+    labels = [str(i % 10) for i in range(n)]
+    times: dict[str, list[float]] = {}
+    evals: dict[str, float] = {}
+    for rep in range(repeats + 1):  # the first round warms up and is not counted
+        for name, k, router, m in configs:
+            t = time.perf_counter()
+            g = api.sample(stores[k], n, labels, None, router or "ito", steps, args.guidance, seed=rep,
+                           device=args.device, paragon=router is None, batch_size=n, **m)
+            if rep:
+                times.setdefault(name, []).append(time.perf_counter() - t)
+            evals[name] = g.evaluations / (n * steps)
+        console.print(f"round {rep} done")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["paragon"]
+    fid = {}
+    if args.fid:
+        cfg = EvalConfig(samples=args.fid, steps=steps, guidance=args.guidance, batch_size=500)
+        feats = Features(stores[ks[0]], cfg=ExtractorConfig(steps=100 if q else 600))
+        real = reference_items(stores[ks[0]])
+        for name, k, router, m in configs:
+            console.print(f"FID of {name}")
+            ev = Evaluator(stores[k], real, cfg, features=feats)
+            fid[name] = ev.run(name, router=router or "ito", paragon=router is None, **m).fid
+    out = dict(n=n, steps=steps, guidance=args.guidance, repeats=repeats, device=args.device,
+               seconds=times, images_per_second={k: round(n / v, 2) for k, v in med.items()},
+               time_vs_paragon={k: round(v / base, 3) for k, v in med.items()},
+               evaluations_per_sample_step=evals, fid=fid or None, fid_samples=args.fid or None)
+    print(json.dumps(out, indent=2))
+    print(f"\n{n} images, {steps} steps, guidance {args.guidance}, median of {repeats}"
+          + (f"; FID from {args.fid} samples" if fid else "") + "\n")
+    print("| model | images/s | time / paragon | model evals per sample-step | FID | FID vs dense |\n|---|---|---|---|---|---|")
+    for name, k, router, m in configs:
+        v = med[name]
+        dense = f"cdm-{k} {router}"
+        rel = f"{100 * (fid[name] / fid[dense] - 1):+.2f}%" if fid and router and m else ""
+        print(f"| {name} | {n / v:.1f} | {v / base:.2f} | {evals[name]:.2f} | "
+              f"{fid[name]:.3f} | {rel} |" if fid else f"| {name} | {n / v:.1f} | {v / base:.2f} | {evals[name]:.2f} | | |")
+
+
+if __name__ == "__main__":
+    main()
