@@ -133,7 +133,7 @@ def test_isolation_outside_compartments_cannot_change_a_users_images(served, tmp
 
 
 def test_queue_full_is_503_and_deadlines_are_504(served):
-    slow = {"n": 8, "steps": 1000, "guidance": 2.0, "label": "1"}
+    slow = {"n": 8, "steps": 400, "guidance": 2.0, "label": "1"}
     with served(workers=1, queue=0, max_steps=1000) as url, httpx.Client(base_url=url, timeout=60) as c:
         r = c.post("/v1/generate", json={**slow, "deadline_s": 1}, headers=H("bob"))
         assert r.status_code == 504 and "deadline" in r.text
@@ -214,3 +214,21 @@ def test_web_page_in_chromium(served, tmp_path):
         page.click("#go")
         page.wait_for_selector("text=401")
         browser.close()
+
+
+def test_a_slow_request_does_not_starve_a_fast_one(served):
+    slow = {"n": 8, "steps": 400, "guidance": 2.0, "label": "1"}
+    with served(workers=2, max_steps=1000) as url, httpx.Client(base_url=url, timeout=120) as c:
+        done = {}
+
+        def run_slow():
+            c.post("/v1/generate", json=slow, headers=H("bob"))
+            done["slow"] = time.monotonic()
+
+        t = threading.Thread(target=run_slow)
+        t.start()
+        time.sleep(0.3)
+        r = c.post("/v1/generate", json={"n": 1, "steps": 3}, headers=H("alice"))
+        fast_done = time.monotonic()
+        t.join()
+        assert r.status_code == 200 and fast_done < done["slow"]
