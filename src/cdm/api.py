@@ -294,6 +294,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
     noise_all = torch.randn((n, cfg.channels, cfg.image_size, cfg.image_size), generator=gen)
     images, att, fin, trace, evals = [], [], [], [], 0
     draws = torch.Generator().manual_seed(seed + 0x5EED)  # compartment draws of `commit`
+    two = lids is not None and guidance != 1.0  # conditional and unconditional rows (guidance)
     for s in range(0, n, batch_size):
         noise = noise_all[s:s + batch_size].to(dev)
         b = noise.shape[0]
@@ -303,7 +304,6 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
         else:
             cond = None if lids is None else torch.cat([_log_prior(hist, names, c, 1) for c in lids[s:s + b]])
             uncond = _log_prior(hist, names, None, b)
-            two = lids is not None and guidance != 1.0
             prior = torch.cat([cond, uncond]) if two else (cond if cond is not None else uncond)
             den = Mixture([unet_denoiser(u) for u in unets], comp_router, prior.to(dev), prune, commit, draws,
                           sched_conf["num_train_timesteps"])
@@ -311,8 +311,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
             res: SampleResult = run_sampler(den, make_scheduler(sched_conf, sampler), noise, y, null,
                                             guidance, steps, gen, callback)
         images.append(to_uint8_images(res.images.float().cpu().numpy()))
-        rows = b * (2 if lids is not None and guidance != 1.0 else 1)
-        evals += den.evaluations if isinstance(den, Mixture) else rows * steps
+        evals += den.evaluations if isinstance(den, Mixture) else b * (2 if two else 1) * steps
         if res.weights is not None:
             att.append(res.attribution.numpy())
             fin.append(res.final.double().numpy())

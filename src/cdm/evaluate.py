@@ -202,7 +202,6 @@ class Evaluator:
         self.features = features or Features(store, inception, device, extractor)
         self.real_feats, _ = self.features(np.stack([it.pixels for it in real]))
         rows = store.items()
-        self.train_hashes = [r.hash for r in rows]
         self.train_comp = np.array([r.compartment for r in rows])
         self.train_pixels = np.stack([store.read_item(r.hash) for r in rows])
         self.label_names = store.label_names()

@@ -231,7 +231,6 @@ def _forget(store_path: Path, req: ForgetIn, user: str, cfg: ServeConfig) -> dic
 
     with Store.open(store_path) as s:
         r = forget(s, req.items, req.source, req.compartment, req.retrain, cfg.device, actor=f"api:{user}")
-    api.forget_unused_models()
     return asdict(r)
 
 

@@ -170,9 +170,11 @@ class Store:
             db.close()
             raise StoreError(f"{path}: schema version {version} is not supported (this cdm reads {SCHEMA_VERSION})")
         store = cls(root, db, config)
-        with contextlib.suppress(StoreError, OSError):  # finish interrupted work unless a writer is at it
-            with store.writing("recovery", wait=0):
-                pass
+        lock = root / ".lock"  # a writer empties it on release: content left means one was killed (or is at work)
+        if lock.exists() and lock.stat().st_size:
+            with contextlib.suppress(StoreError, OSError):  # finish the interrupted work unless a writer is at it
+                with store.writing("recovery", wait=0):
+                    pass
         return store
 
     def close(self) -> None:
