@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,11 +22,12 @@ from diffusers import UNet2DModel
 
 from .compose import (ROUTERS, ClassifierRouter, ItoRouter, Mixture, SampleResult, UniformRouter, make_scheduler,
                       sample as run_sampler, unet_denoiser)
+from .executor import Executor, LocalExecutor, Task
 from .data import DataError, load_builtin, load_folder, to_uint8_images  # noqa: F401 (re-exported)
 from .ingest import IngestResult, ingest  # noqa: F401 (re-exported)
 from .models import RouterNet, default_preset, unet_config
 from .store import PARAGON, ROUTER, Store, StoreConfig, StoreError, file_digest
-from .train import WEIGHTS, Progress, RouterConfig, TrainConfig, TrainJob, TrainResult, train_job
+from .train import WEIGHTS, Progress, RouterConfig, TrainConfig, TrainJob, TrainResult
 
 
 def init_store(path: str | Path, image_size: int = 8, channels: int = 1, seed: int = 0, slices: int = 4,
@@ -113,51 +115,62 @@ def plan(store: Store, compartments: list[str] | None = None, paragon: bool = Fa
 
 def train(store: Store, compartments: list[str] | None = None, paragon: bool = False, router: bool | None = None,
           steps: int | None = None, device: str = "cpu", progress: Progress | None = None,
-          actor: str | None = None) -> list[TrainResult]:
+          actor: str | None = None, executor: Executor | None = None) -> list[TrainResult]:
     """Train every compartment without an up-to-date model (or the named ones), and optionally
     the paragon and the classifier router. Interrupted work resumes from its last checkpoint.
-    Holds the store's writer lock throughout."""
+    Jobs run on `executor` (default: locally, on `device`); this process alone writes the
+    registry, and holds the store's writer lock throughout."""
     with store.writing("train"):
-        return _train(store, compartments, paragon, router, steps, device, progress, actor)
+        if steps is not None:
+            if steps < 1:
+                raise StoreError(f"steps must be >= 1, got {steps}")
+            if steps != train_config(store).steps:
+                with store.tx() as db:
+                    store.set_meta(db, "train", asdict(replace(train_config(store), steps=steps)))
+                    store.log(db, "config", {"train.steps": steps}, actor)
+        names = plan(store, compartments, paragon, router)
+        return run_jobs(store, names, executor or LocalExecutor(device), progress, actor)
 
 
-def _train(store, compartments, paragon, router, steps, device, progress, actor) -> list[TrainResult]:
-    if steps is not None:
-        if steps < 1:
-            raise StoreError(f"steps must be >= 1, got {steps}")
-        if steps != train_config(store).steps:
-            with store.tx() as db:
-                store.set_meta(db, "train", asdict(replace(train_config(store), steps=steps)))
-                store.log(db, "config", {"train.steps": steps}, actor)
-    results = []
-    for name in plan(store, compartments, paragon, router):
-        results.append(run_job(store, build_job(store, name), device, progress, actor))
-    return results
+class TrainError(StoreError):
+    """Some jobs failed; the others' models were installed. `failed` maps model name to error."""
+
+    def __init__(self, failed: dict[str, str], results: list[TrainResult]):
+        self.failed, self.results = failed, results
+        lines = "; ".join(f"{n}: {e}" for n, e in failed.items())
+        super().__init__(f"training failed for {len(failed)} model(s), the others were installed: {lines}")
 
 
-def run_job(store: Store, job: TrainJob, device: str = "cpu", progress: Progress | None = None,
-            actor: str | None = None) -> TrainResult:
-    """Run one job (locally) and install its model atomically."""
-    with store.writing(f"train {job.name}"):
-        return _run_job(store, job, device, progress, actor)
-
-
-def _run_job(store, job, device, progress, actor) -> TrainResult:
-    out = store.new_model_dir(job.name)
-    try:
-        res = train_job(job, out, store.root / "checkpoints" / job.name, store.root / "work" / job.name,
-                        device, progress)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    info = dict(items=res.items, steps=job.train.steps, seconds=round(res.seconds, 3), final_loss=res.final_loss,
-                resumed_from=res.resumed_from, classes=job.classes)
-    row = store.install_model(job.name, job.kind, job.spec, out, WEIGHTS, info,
-                              event=dict(items=res.items, steps_run=res.steps, resumed_from=res.resumed_from))
-    res.out_dir = store.root / row.path
-    return res
+def run_jobs(store: Store, names: list[str], executor: Executor | None = None, progress: Progress | None = None,
+             actor: str | None = None) -> list[TrainResult]:
+    """Build the named models' jobs, run them on `executor` and install each model atomically
+    as it arrives. A failed job is reported by name (`TrainError`) after the rest are installed."""
+    executor = executor or LocalExecutor()
+    with store.writing("train"):
+        tasks = [Task(build_job(store, n), store.new_model_dir(n), store.root / "checkpoints" / n,
+                      store.root / "work" / n) for n in names]
+        results, failed = [], {}
+        try:
+            for o in executor.run(tasks, progress):
+                job, res = o.task.job, o.result
+                if o.error is not None:
+                    failed[job.name] = o.error
+                    continue
+                info = dict(items=res.items, steps=job.train.steps, seconds=round(res.seconds, 3),
+                            final_loss=res.final_loss, resumed_from=res.resumed_from, classes=job.classes,
+                            executor=executor.name, threads=o.threads)
+                row = store.install_model(job.name, job.kind, job.spec, o.task.out_dir, WEIGHTS, info,
+                                          event=dict(items=res.items, steps_run=res.steps,
+                                                     resumed_from=res.resumed_from, executor=executor.name))
+                res.out_dir = store.root / row.path
+                results.append(res)
+        finally:
+            for t in tasks:  # folders of failed or unfinished jobs
+                if t.out_dir.exists():
+                    shutil.rmtree(t.out_dir, ignore_errors=True)
+        if failed:
+            raise TrainError(failed, results)
+        return results
 
 
 # --- sampling ---------------------------------------------------------------------------

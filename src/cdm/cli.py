@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import api
 from .data import BUILTINS, DataError, load_builtin, load_folder
+from .executor import make_executor
 from .ingest import resize_items
 from .store import Store, StoreError
 
@@ -128,12 +129,18 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
                                                 help="Train the classifier router (default: when training all)."),
           steps: Optional[int] = typer.Option(None, help="Training steps per model (saved as the store's recipe)."),
           device: str = typer.Option("cpu", help="torch device, e.g. cpu, cuda, cuda:1."),
+          executor: str = typer.Option("local", help="local (this process) or ray (one task per model)."),
+          address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+          gpus_per_job: float = typer.Option(0, help="Ray: GPUs per job (> 0 trains on CUDA)."),
+          threads: Optional[int] = typer.Option(None, help="torch threads per job (Ray: CPUs per job, default 1). "
+                                                           "Same threads => bit-identical weights."),
           json_out: bool = typer.Option(False, "--json")) -> None:
     """Train every compartment without an up-to-date model; resumes interrupted work."""
     with _open(store) as s:
+        ex = make_executor(executor, device, threads, address, gpus_per_job)
         prog, cb = training_progress(err)
         with prog:
-            results = api.train(s, compartment or None, paragon, router, steps, device, cb)
+            results = api.train(s, compartment or None, paragon, router, steps, device, cb, executor=ex)
         rows = [dict(name=r.name, kind=r.kind, items=r.items, steps=r.steps, seconds=round(r.seconds, 2),
                      steps_per_s=round(r.steps / r.seconds, 2) if r.seconds else None,
                      final_loss=r.final_loss, resumed_from=r.resumed_from, digest=s.model(r.name).digest)
@@ -293,16 +300,22 @@ def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Ite
            source: Optional[str] = typer.Option(None, help="Drop a whole source."),
            compartment: Optional[str] = typer.Option(None, help="Drop a whole compartment."),
            retrain: bool = typer.Option(True, help="Retrain affected models now (else they stay missing)."),
-           device: str = typer.Option("cpu"), json_out: bool = typer.Option(False, "--json")) -> None:
+           device: str = typer.Option("cpu"),
+           executor: str = typer.Option("local", help="Where retraining runs: local or ray (as in `cdm train`)."),
+           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+           gpus_per_job: float = typer.Option(0, help="Ray: GPUs per job."),
+           threads: Optional[int] = typer.Option(None, help="torch threads per job (Ray: CPUs per job)."),
+           json_out: bool = typer.Option(False, "--json")) -> None:
     """Forget items, a source or a compartment exactly: retrain only what saw them, from the slice before."""
     from dataclasses import asdict
 
     from .protect import forget as run_forget
 
     with _open(store) as s:
+        ex = make_executor(executor, device, threads, address, gpus_per_job)
         prog, cb = training_progress(err)
         with prog:
-            r = run_forget(s, item or None, source, compartment, retrain, device, cb)
+            r = run_forget(s, item or None, source, compartment, retrain, device, cb, executor=ex)
     _emit(asdict(r), json_out)
     if not json_out:
         out.print(f"forgot {len(r.items)} item(s)" + (f", dropped {', '.join(r.dropped)}" if r.dropped else ""))

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import api
+from .executor import Executor, LocalExecutor
 from .store import PARAGON, ROUTER, Store, StoreError, crashpoint
 from .train import Progress, stale_checkpoints
 
@@ -34,9 +35,12 @@ class ForgetResult:
 
 def forget(store: Store, items: list[str] | None = None, source: str | None = None,
            compartment: str | None = None, retrain: bool = True, device: str = "cpu",
-           progress: Progress | None = None, actor: str | None = None) -> ForgetResult:
+           progress: Progress | None = None, actor: str | None = None,
+           executor: Executor | None = None) -> ForgetResult:
+    """Forget items (by hash), a source or a compartment; retrain what saw them on `executor`
+    (default: locally, on `device`)."""
     with store.writing("forget"):
-        return _forget(store, items, source, compartment, retrain, device, progress, actor)
+        return _forget(store, items, source, compartment, retrain, device, progress, actor, executor)
 
 
 def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touched: list[str]) -> list[str]:
@@ -57,7 +61,7 @@ def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touch
     return [str(p.relative_to(root)) for p in paths]
 
 
-def _forget(store: Store, items, source, compartment, retrain, device, progress, actor) -> ForgetResult:
+def _forget(store: Store, items, source, compartment, retrain, device, progress, actor, executor) -> ForgetResult:
     t0 = time.perf_counter()
     if sum(x is not None and x != [] for x in (items, source, compartment)) != 1:
         raise StoreError("forget needs exactly one of: item hashes, a source, a compartment")
@@ -108,8 +112,7 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
             todo.append(PARAGON)
         if ROUTER in existing and sum(1 for v in counts.values() if v) >= 2:
             todo.append(ROUTER)
-        for name in todo:
-            r = api.run_job(store, api.build_job(store, name), device, progress, actor)
+        for r in api.run_jobs(store, todo, executor or LocalExecutor(device), progress, actor):
             res.retrained.append(dict(name=r.name, resumed_from=r.resumed_from, steps=r.steps,
                                       seconds=round(r.seconds, 3)))
         if ROUTER in todo:

@@ -30,6 +30,7 @@ from .models import build_router, build_unet
 
 Progress = Callable[[str, int, int, float], None]  # (job name, step done, total steps, loss)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+RESUME = "resume.pt"  # mid-stage state of an interrupted run, in the job's work folder
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class TrainJob:
     null_label: int = 0
     classes: list[str] = field(default_factory=list)  # router: compartment names, in logit order
     extra: dict = field(default_factory=dict)  # recorded in the spec (e.g. the schedule of the router)
+    base_dir: str | None = None  # adapter compartments: folder of the base model (its digest is in `extra`)
 
     def stage_spec(self, k: int) -> str:
         """Digest of what the state after stage k depends on: config, seed, items of slices <= k."""
@@ -133,7 +135,7 @@ def _save(obj: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def _stage_ckpt(ckpt_dir: Path, k: int, spec: str) -> Path:
+def stage_checkpoint(ckpt_dir: Path, k: int, spec: str) -> Path:
     return ckpt_dir / f"stage-{k}-{spec[:16]}.pt"
 
 
@@ -142,7 +144,7 @@ def stale_checkpoints(job: TrainJob, ckpt_dir: Path) -> list[Path]:
 
     After forgetting an item of slice k, the checkpoints of stages >= k held its influence
     (architecture.md, invariant 7)."""
-    valid = {_stage_ckpt(ckpt_dir, k, job.stage_spec(k)).name for k in range(job.stages)}
+    valid = {stage_checkpoint(ckpt_dir, k, job.stage_spec(k)).name for k in range(job.stages)}
     return [p for p in sorted(ckpt_dir.iterdir()) if p.name not in valid] if ckpt_dir.is_dir() else []
 
 
@@ -184,12 +186,12 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
     # where to start: the latest valid slice checkpoint, then a mid-stage resume file on top
     start_stage, start_step, resumed, gen_state = 0, 0, "scratch", None
     for k in reversed(range(job.stages)):
-        p = _stage_ckpt(ckpt_dir, k, specs[k])
+        p = stage_checkpoint(ckpt_dir, k, specs[k])
         if p.exists():
             load(torch.load(p, map_location=dev, weights_only=True))
             start_stage, resumed = k + 1, f"stage {k}"
             break
-    resume_file = work_dir / "resume.pt"
+    resume_file = work_dir / RESUME
     if resume_file.exists():
         r = torch.load(resume_file, map_location=dev, weights_only=True)
         if r["stage"] >= start_stage and r["stage"] < job.stages and r["spec"] == specs[r["stage"]]:
@@ -240,7 +242,7 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < per_stage[k]:
                 _save(state(k, step + 1, gen), resume_file)
         if not is_router:
-            _save(state(k, per_stage[k], None), _stage_ckpt(ckpt_dir, k, specs[k]))
+            _save(state(k, per_stage[k], None), stage_checkpoint(ckpt_dir, k, specs[k]))
         resume_file.unlink(missing_ok=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
