@@ -5,12 +5,19 @@ a markdown table. Stores are kept in --work, so an interrupted run resumes.
 
     python bench/quality.py            # full (~45 min on 2 cores)
     python bench/quality.py --quick    # smoke run (~3 min)
+    python bench/quality.py --adapters # adapter compartments vs full ones vs the paragon (~35 min)
+
+The adapter variant marks a quarter of the digits (by item hash) as a public source; the
+base model trains on it; the rest is a private source split iid into K compartments. The
+same items are trained as full-model compartments in a second store, where the paragon
+(all items) is trained too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
@@ -37,7 +44,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None, help="samples per model (default 1000; quick 200)")
     ap.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default 25; quick 10)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--adapters", action="store_true", help="the adapter variant (see above)")
+    ap.add_argument("--rank", type=int, default=4, help="adapter variant: LoRA rank")
     args = ap.parse_args()
+    if args.adapters:
+        return adapters_variant(args)
     q = args.quick
     ks = [int(k) for k in (args.ks or ("2" if q else "2,4,8")).split(",")]
     steps = args.steps or (200 if q else 600)
@@ -99,6 +110,103 @@ def main() -> None:
         att = "" if r["attribution_accuracy"] is None else f"{r['attribution_accuracy']:.3f}"
         print(f"| {r['store']} | {r['compute']} | {r['router'] or '-'} | {len(r['compartments'])} | {r['fid']:.3f} | "
               f"{r['fid_ratio']:.3f} | {r['accuracy']:.3f} | {r['memorized']:.3f} | {att} |")
+
+
+def adapters_variant(args) -> None:
+    import hashlib
+
+    from cdm import api
+    from cdm.data import load_builtin
+    from cdm.store import Store, StoreError
+
+    q = args.quick
+    k = int(args.ks or (2 if q else 8))
+    steps = args.steps or (200 if q else 600)
+    preset = "tiny" if q else "small"
+    tc = TrainConfig(preset=preset, steps=steps, checkpoint_every=250)
+    rc = RouterConfig(steps=steps)
+    cfg = EvalConfig(samples=args.samples or (200 if q else 1000), steps=args.sample_steps or (10 if q else 25),
+                     batch_size=500)
+    ext = ExtractorConfig(steps=100 if q else 600)
+    t_start = time.perf_counter()
+    work = args.work / ("quick" if q else "full")
+    items = load_builtin("digits")
+    public = [it for it in items if hashlib.sha256(it.hash.encode()).digest()[0] % 4 == 0]
+    private = [it for it in items if hashlib.sha256(it.hash.encode()).digest()[0] % 4 != 0]
+
+    def build(name: str, adapters: bool) -> Store:
+        try:
+            return Store.open(work / name)
+        except StoreError:
+            s = api.init_store(work / name, 8, 1, 0, 4, 16, tc, rc)
+            api.ingest(s, "public", public, "one")
+            api.ingest(s, "private", private, f"iid:{k}")
+            if adapters:
+                api.set_adapters(s, public=["public"], rank=args.rank, alpha=float(args.rank))
+            return s
+
+    stores = {"full": build(f"full-{k}", False), "adapters": build(f"adapters-{k}-r{args.rank}", True)}
+    train_s = {}
+    for name, s in stores.items():
+        console.print(f"[bold]{name}[/]: training (resumes if interrupted)")
+        t = time.perf_counter()
+        res = train(s, paragon=name == "full", router=False)
+        train_s[name] = dict(wall=round(time.perf_counter() - t, 1),
+                             per_model={r.name: round(r.seconds, 1) for r in res})
+    full, ad = stores["full"], stores["adapters"]
+    feats = Features(full, cfg=ext)
+    real = reference_items(full)
+    ev = {n: Evaluator(s, real, cfg, features=feats) for n, s in stores.items()}
+    floor = ev["full"].floor()
+    rows = [dict(model="paragon", **asdict(ev["full"].run(PARAGON, paragon=True)))]
+    for name in ("full", "adapters"):
+        console.print(f"sampling CDM-{k + 1} ({name})")
+        rows.append(dict(model=f"CDM-{k + 1} {name}", **asdict(ev[name].run(name, router="ito"))))
+
+    def size(s: Store, c: str) -> dict:
+        row = s.model(c)
+        params = sum(p.numel() for p in api.load_unet(s, c).parameters())
+        file = s.root / row.path / row.info.get("weights", "diffusion_pytorch_model.safetensors")
+        out = dict(disk_bytes=file.stat().st_size, merged_params=params)
+        if row.info.get("adapter"):
+            from safetensors.torch import load_file
+
+            out["adapter_params"] = sum(v.numel() for v in load_file(str(file)).values())
+        return out
+
+    comps = sorted(full.compartments())
+    sizes = {"full": [size(full, c) for c in comps], "adapters": [size(ad, c) for c in comps]}
+    bank = api.load_bank(ad, comps)
+    bank_params = sum(p.numel() for p in bank.unet.parameters())
+    base_params = sum(p.numel() for p in api.load_unet(ad, "base").parameters())
+    per_full = statistics.median(x["disk_bytes"] for x in sizes["full"])
+    per_ad = statistics.median(x["disk_bytes"] for x in sizes["adapters"])
+    memory = dict(full_model_bytes=4 * statistics.median(x["merged_params"] for x in sizes["full"]),
+                  adapter_bank_bytes_per_compartment=4 * (bank_params - base_params) / len(comps),
+                  adapter_merged_bytes_per_compartment=4 * statistics.median(x["merged_params"] for x in sizes["adapters"]),
+                  base_bytes=4 * base_params)
+    by = {r["model"]: r for r in rows}
+    fid_full, fid_ad = by[f"CDM-{k + 1} full"]["fid"], by[f"CDM-{k + 1} adapters"]["fid"]
+    out = dict(quick=q, preset=preset, steps_per_model=steps, k_private=k, rank=args.rank, public_items=len(public),
+               private_items=len(private), eval=asdict(cfg), floor=floor, train_seconds=train_s, results=rows,
+               disk_bytes_per_compartment=dict(full=per_full, adapter=per_ad, ratio=round(per_ad / per_full, 4)),
+               memory=memory, fid_adapters_vs_full=round(fid_ad / fid_full, 4),
+               wall_seconds=round(time.perf_counter() - t_start, 1))
+    print(json.dumps(out, indent=2))
+    para = rows[0]["fid"]
+    print(f"\nfloor {floor:.3f}; {len(public)} public items (base), {len(private)} private in {k} compartments + "
+          f"the public compartment; {steps} steps per model, preset {preset}, rank {args.rank}\n")
+    print("| model | FID | FID / paragon | FID / full CDM | cond. acc. | memorized | bytes on disk per compartment "
+          "| bytes in memory per compartment |")
+    print("|---|---|---|---|---|---|---|---|")
+    mem = {"paragon": memory["full_model_bytes"], "full": memory["full_model_bytes"],
+           "adapters": f"{memory['adapter_bank_bytes_per_compartment']:.0f} (loop/joint) or "
+                       f"{memory['adapter_merged_bytes_per_compartment']:.0f} (merged), + base {memory['base_bytes']}"}
+    disk = {"paragon": per_full, "full": per_full, "adapters": per_ad}
+    for r in rows:
+        key = r["model"].split()[-1]
+        print(f"| {r['model']} | {r['fid']:.3f} | {r['fid'] / para:.3f} | {r['fid'] / fid_full:.3f} | "
+              f"{r['accuracy']:.3f} | {r['memorized']:.3f} | {disk[key]} | {mem[key]} |")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,19 @@ def test_executor_options_are_checked():
     with pytest.raises(ValueError, match="unknown executor"):
         make_executor("slurm")
     assert torch.get_num_threads() >= 1
+
+
+def test_ray_ships_the_base_of_adapter_compartments(tmp_path, digits, cluster):
+    pytest.importorskip("peft")
+
+    def build(path):
+        s = make_store(path, digits[:40], "one", source="public")
+        api.ingest(s, "private", digits[40:100], "iid:2")
+        api.set_adapters(s, public=["public"])
+        return s
+
+    a, b = build(tmp_path / "a"), build(tmp_path / "b")
+    api.train(a, executor=LocalExecutor(threads=1))
+    res = api.train(b, executor=RayExecutor(threads=1))
+    assert [r.name for r in res][0] == "base"  # the base first, then the adapters on it
+    assert digests(a) == digests(b) and b.model("private-0").info["adapter"]["base"] == b.model("base").digest

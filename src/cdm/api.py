@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from diffusers import UNet2DModel
 
+from .adapters import ADAPTER_WEIGHTS, AdapterBank, AdapterConfig, merged
 from .compose import (ROUTERS, ClassifierRouter, ItoRouter, Mixture, SampleResult, UniformRouter, make_scheduler,
                       sample as run_sampler, unet_denoiser)
 from .executor import Executor, LocalExecutor, Task
 from .data import DataError, load_builtin, load_folder, to_uint8_images  # noqa: F401 (re-exported)
 from .ingest import IngestResult, ingest  # noqa: F401 (re-exported)
 from .models import RouterNet, default_preset, unet_config
-from .store import PARAGON, ROUTER, Store, StoreConfig, StoreError, file_digest
-from .train import WEIGHTS, Progress, RouterConfig, TrainConfig, TrainJob, TrainResult
+from .store import BASE, PARAGON, ROUTER, Store, StoreConfig, StoreError, file_digest
+from .train import WEIGHTS, Progress, RouterConfig, TrainConfig, TrainJob, TrainResult, weights_file
 
 
 def init_store(path: str | Path, image_size: int = 8, channels: int = 1, seed: int = 0, slices: int = 4,
@@ -48,6 +49,66 @@ def train_config(store: Store) -> TrainConfig:
 
 def router_config(store: Store) -> RouterConfig:
     return RouterConfig(**store.get_meta("router"))
+
+
+def adapter_config(store: Store) -> AdapterConfig | None:
+    """The store's adapter settings, or None when every compartment is a full model."""
+    a = store.get_meta("adapter")
+    return None if a is None else AdapterConfig(**{**a, "public": tuple(a["public"])})
+
+
+def set_adapters(store: Store, public: list[str] | None = None, base_from: str | Path | None = None,
+                 rank: int = 4, alpha: float = 4.0, off: bool = False, actor: str | None = None) -> AdapterConfig | None:
+    """Make every compartment a LoRA adapter on a base model trained on the `public` sources
+    (or imported from the diffusers folder `base_from`); `off` goes back to full models.
+    Changing this makes every compartment stale; `cdm train` then rebuilds them."""
+    with store.writing("adapters"):
+        if off:
+            cfg = None
+        else:
+            if public:
+                missing = [src for src in public if src not in store.sources()]
+                if missing:
+                    raise StoreError(f"unknown source(s) {', '.join(missing)}; ingest them first "
+                                     f"(known: {', '.join(store.sources()) or 'none'})")
+            digest = None
+            if base_from is not None:
+                digest = _check_base_folder(store, Path(base_from))
+            cfg = AdapterConfig(rank, alpha, public=tuple(sorted(set(public or ()))), base_from=digest)
+        if base_from is not None and cfg is not None:
+            _install_base(store, Path(base_from), cfg.base_from)
+        with store.tx() as db:
+            store.set_meta(db, "adapter", None if cfg is None else asdict(cfg))
+            store.log(db, "config", {"adapter": None if cfg is None else asdict(cfg)}, actor)
+        return cfg
+
+
+def _check_base_folder(store: Store, folder: Path) -> str:
+    """Validate a diffusers UNet2DModel folder as a base for this store; returns its weights digest."""
+    f = folder / WEIGHTS
+    if not f.is_file() or not (folder / "config.json").is_file():
+        raise StoreError(f"{folder} is not a diffusers UNet2DModel folder (needs config.json and {WEIGHTS})")
+    conf = UNet2DModel.load_config(folder)
+    cfg = store.config
+    want = dict(sample_size=cfg.image_size, in_channels=cfg.channels, out_channels=cfg.channels,
+                num_class_embeds=cfg.max_labels + 1)
+    bad = {k: (conf.get(k), v) for k, v in want.items() if conf.get(k) != v}
+    if bad:
+        raise StoreError(f"base model {folder} does not fit this store: "
+                         + ", ".join(f"{k}={have} (store needs {need})" for k, (have, need) in bad.items()))
+    try:
+        UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
+    except Exception as e:  # corrupted weights
+        raise StoreError(f"base model {folder} does not load: {e}") from e
+    return file_digest(f)
+
+
+def _install_base(store: Store, folder: Path, digest: str) -> None:
+    tmp = store.new_model_dir(BASE)
+    for name in ("config.json", WEIGHTS):
+        shutil.copyfile(folder / name, tmp / name)
+    train_config(store).scheduler().save_pretrained(tmp)
+    store.install_model(BASE, "base", f"import:{digest}", tmp, WEIGHTS, dict(imported_from=str(folder)))
 
 
 def model_seed(store: Store, name: str) -> int:
@@ -76,12 +137,26 @@ def build_job(store: Store, name: str, load_pixels: bool = True) -> TrainJob:
                        model_seed(store, ROUTER), 1, null, comps,
                        dict(num_train_timesteps=t.num_train_timesteps, beta_schedule=t.beta_schedule))
     else:
-        rows = store.items() if name == PARAGON else store.items(name)
+        adapters = adapter_config(store)
+        if name == BASE:
+            if adapters is None or adapters.base_from:
+                raise StoreError("this store's base model is not trained here: "
+                                 + ("no adapters are set (see `cdm adapters`)" if adapters is None else "it was imported"))
+            rows = [r for r in store.items() if r.source in adapters.public]
+            kind = "base"
+        else:
+            rows = store.items() if name == PARAGON else store.items(name)
+            kind = "paragon" if name == PARAGON else "compartment"
         t = train_config(store)
-        job = TrainJob(name, "paragon" if name == PARAGON else "compartment", [r.hash for r in rows],
-                       [null if r.label is None else r.label for r in rows], [r.slice for r in rows],
-                       np.zeros((0,), np.uint8), unet_config(t.preset, cfg.image_size, cfg.channels, cfg.max_labels),
-                       t, model_seed(store, name), cfg.slices, null)
+        job = TrainJob(name, kind, [r.hash for r in rows], [null if r.label is None else r.label for r in rows],
+                       [r.slice for r in rows], np.zeros((0,), np.uint8),
+                       unet_config(t.preset, cfg.image_size, cfg.channels, cfg.max_labels), t, model_seed(store, name),
+                       cfg.slices, null)
+        if adapters is not None and kind == "compartment":
+            base = store.model(BASE)
+            job.model_config = {}  # the base (pinned by its digest) is the architecture
+            job.extra = dict(adapter=dict(**adapters.recipe(), base=base.digest if base else None))
+            job.base_dir = str(store.root / base.path) if base else None
     if load_pixels and job.hashes:
         job.pixels = np.stack([store.read_item(h) for h in job.hashes])
     return job
@@ -92,6 +167,12 @@ def model_state(store: Store, name: str) -> str:
     row = store.model(name)
     if row is None:
         return "missing"
+    if name == BASE:
+        a = adapter_config(store)
+        if a is None:
+            return "stale"
+        if a.base_from:
+            return "ready" if row.spec == f"import:{a.base_from}" else "stale"
     return "ready" if row.spec == build_job(store, name, load_pixels=False).spec else "stale"
 
 
@@ -104,6 +185,17 @@ def plan(store: Store, compartments: list[str] | None = None, paragon: bool = Fa
     if compartments and empty:
         raise StoreError(f"compartment(s) {', '.join(empty)} hold no items; nothing to train")
     todo = [n for n in names if counts.get(n, 0) and model_state(store, n) != "ready"]
+    adapters = adapter_config(store)
+    if adapters is not None and todo:
+        if adapters.base_from:
+            if model_state(store, BASE) != "ready":
+                raise StoreError("the imported base model is missing or corrupted; import it again with "
+                                 "`cdm adapters --base-from DIR`")
+        elif model_state(store, BASE) != "ready":
+            if not any(r.source in adapters.public for r in store.items()):
+                raise StoreError(f"the base model trains on source(s) {', '.join(adapters.public)}, "
+                                 f"which hold no items")
+            todo.insert(0, BASE)
     if paragon and counts and model_state(store, PARAGON) != "ready":
         todo.append(PARAGON)
     if router is None:
@@ -128,8 +220,12 @@ def train(store: Store, compartments: list[str] | None = None, paragon: bool = F
                 with store.tx() as db:
                     store.set_meta(db, "train", asdict(replace(train_config(store), steps=steps)))
                     store.log(db, "config", {"train.steps": steps}, actor)
-        names = plan(store, compartments, paragon, router)
-        return run_jobs(store, names, executor or LocalExecutor(device), progress, actor)
+        executor = executor or LocalExecutor(device)
+        names, results = plan(store, compartments, paragon, router), []
+        if names[:1] == [BASE]:  # adapters are trained on the base: it goes first, then re-plan
+            results += run_jobs(store, [BASE], executor, progress, actor)
+            names = plan(store, compartments, paragon, router)
+        return results + run_jobs(store, names, executor, progress, actor)
 
 
 class TrainError(StoreError):
@@ -158,8 +254,10 @@ def run_jobs(store: Store, names: list[str], executor: Executor | None = None, p
                     continue
                 info = dict(items=res.items, steps=job.train.steps, seconds=round(res.seconds, 3),
                             final_loss=res.final_loss, resumed_from=res.resumed_from, classes=job.classes,
-                            executor=executor.name, threads=o.threads)
-                row = store.install_model(job.name, job.kind, job.spec, o.task.out_dir, WEIGHTS, info,
+                            executor=executor.name, threads=o.threads, weights=weights_file(job))
+                if job.extra.get("adapter"):
+                    info["adapter"] = job.extra["adapter"]  # recipe and base digest
+                row = store.install_model(job.name, job.kind, job.spec, o.task.out_dir, weights_file(job), info,
                                           event=dict(items=res.items, steps_run=res.steps,
                                                      resumed_from=res.resumed_from, executor=executor.name))
                 res.out_dir = store.root / row.path
@@ -202,30 +300,69 @@ class Generation:
 
 def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
     """Load one live model, checking its weights file against the registry digest on every call;
-    a model already in memory with that digest is reused (models are never modified in place)."""
+    a model already in memory with that digest is reused (models are never modified in place).
+    An adapter compartment comes back merged into (a copy of) its base."""
+    row, folder = _checked(store, name)
+    adapter = row.info.get("adapter")
+    if adapter:
+        base = load_unet(store, BASE, device)
+        if store.model(BASE).digest != adapter["base"]:
+            raise StoreError(f"compartment {name!r} is an adapter on another base model; retrain with `cdm train`")
+        key = (str(folder.resolve()), row.digest, str(device), adapter["base"])
+        return _cached(key, lambda: merged(base, adapter, _adapter_weights(folder)).to(device))
+    key = (str(folder.resolve()), row.digest, str(device))
+    return _cached(key, lambda: UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+                   .requires_grad_(False))
+
+
+def load_bank(store: Store, names: list[str], device: str = "cpu") -> AdapterBank:
+    """The base with the adapters of `names` injected, unmerged (one copy of the base in memory)."""
+    rows = {n: _checked(store, n) for n in names}
+    base_row = store.model(BASE)
+    for n, (row, _) in rows.items():
+        if not row.info.get("adapter") or base_row is None or row.info["adapter"]["base"] != base_row.digest:
+            raise StoreError(f"compartment {n!r} is not an adapter on this store's base model")
+    base = load_unet(store, BASE, device)
+    key = ("bank", base_row.digest, str(device), tuple((n, r.digest) for n, (r, _) in rows.items()))
+    return _cached(key, lambda: AdapterBank(base, {n: (r.info["adapter"], _adapter_weights(f))
+                                                   for n, (r, f) in rows.items()}))
+
+
+def _checked(store: Store, name: str):
     row = store.model(name)
     if row is None:
-        raise StoreError(f"compartment {name!r} is not trained; run `cdm train`")
+        what = "the base model" if name == BASE else f"compartment {name!r}"
+        raise StoreError(f"{what} is not trained; run `cdm train`")
     folder = store.root / row.path
     try:
-        ok = file_digest(folder / WEIGHTS) == row.digest
+        ok = file_digest(folder / row.info.get("weights", WEIGHTS)) == row.digest
     except OSError:
         ok = False
     if not ok:
         raise StoreError(f"model files of {name!r} ({folder}) are missing or corrupted; retrain with `cdm train`")
-    key = (str(folder.resolve()), row.digest, str(device))
+    return row, folder
+
+
+def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / ADAPTER_WEIGHTS))
+
+
+def _cached(key: tuple, build):
     with _UNETS_LOCK:
         if key in _UNETS:
             _UNETS[key] = _UNETS.pop(key)  # most recently used last
             return _UNETS[key]
-    unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval().requires_grad_(False)
+    model = build()
     with _UNETS_LOCK:
-        _UNETS[key] = unet
+        _UNETS[key] = model
         while len(_UNETS) > UNET_CACHE:
             _UNETS.pop(next(iter(_UNETS)))
-    return unet
+    return model
 
 
+ADAPTER_MODES = ("merged", "loop", "joint")
 UNET_CACHE = 32  # models kept in memory across calls, keyed by folder, weights digest and device
 _UNETS: dict[tuple, UNet2DModel] = {}
 _UNETS_LOCK = threading.Lock()
@@ -234,19 +371,23 @@ _UNETS_LOCK = threading.Lock()
 def forget_unused_models() -> None:
     """Drop models from memory whose folder is gone (replaced or forgotten)."""
     with _UNETS_LOCK:
-        for key in [k for k in _UNETS if not Path(k[0]).exists()]:
+        for key in [k for k in _UNETS if k[0] == "bank" or not Path(k[0]).exists()]:
             _UNETS.pop(key, None)
 
 
 def sample(store: Store, n: int, label: str | list[str] | None = None, allow: list[str] | None = None, router: str = "ito",
            steps: int = 50, guidance: float = 2.0, seed: int = 0, sampler: str = "ddpm", device: str = "cpu",
            paragon: bool = False, batch_size: int = 256, callback=None, prune: float | None = None,
-           commit: float | None = None) -> Generation:
+           commit: float | None = None, adapter_mode: str = "merged") -> Generation:
     """Sample n images from the composition of `allow` (default: every compartment).
 
     `label` is one label for all samples, a list with one per sample, or None (unconditional).
     `prune` (margin in nats) and `commit` (fraction of the trajectory) make the composition
     sparse (see `compose.Mixture`); with both None every compartment is evaluated.
+
+    Adapter compartments run `adapter_mode`: "merged" (each adapter folded into a copy of the
+    base; fastest on CPU), "loop" (one base, adapters applied per call; least memory) or
+    "joint" (one base, every adapter's rows in one batched call).
 
     Only models of composed compartments are opened (architecture.md, invariant 4).
     """
@@ -260,6 +401,8 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
         raise StoreError(f"prune must be a margin >= 0 in nats, got {prune}")
     if commit is not None and not 0 <= commit <= 1:
         raise StoreError(f"commit must be a fraction of the trajectory in [0, 1], got {commit}")
+    if adapter_mode not in ADAPTER_MODES:
+        raise StoreError(f"unknown adapter mode {adapter_mode!r}; available: {', '.join(ADAPTER_MODES)}")
     with store.snapshot():  # one registry snapshot: old models or new ones, never a mix
         labels = store.labels()
         per_sample = [label] * n if label is None or isinstance(label, str) else list(label)
@@ -291,7 +434,18 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
                 raise StoreError(f"label {lab!r} is in none of the composed compartments ({', '.join(names)})")
 
         dev = torch.device(device)
-        unets = [load_unet(store, c, device) for c in names]
+        joint = None
+        if not paragon and adapter_config(store) is not None:
+            state = model_state(store, BASE)
+            if state != "ready":
+                raise StoreError(f"the base model of the adapter compartments is "
+                                 f"{'not trained' if state == 'missing' else 'out of date'}; run `cdm train`")
+        if not paragon and adapter_config(store) is not None and adapter_mode != "merged":
+            bank = load_bank(store, names, device)
+            dens = [bank.denoiser(c) for c in names]
+            joint = bank.joint(names) if adapter_mode == "joint" else None
+        else:
+            dens = [unet_denoiser(load_unet(store, c, device)) for c in names]
         sched_conf = _scheduler_config(store, names[0])
         make_scheduler(sched_conf, sampler)  # validates the sampler name before any work
         comp_router = None
@@ -313,13 +467,13 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
         b = noise.shape[0]
         y = None if lids is None else torch.tensor(lids[s:s + b], dtype=torch.long, device=dev)
         if paragon:
-            den = unet_denoiser(unets[0])
+            den = dens[0]
         else:
             cond = None if lids is None else torch.cat([_log_prior(hist, names, c, 1) for c in lids[s:s + b]])
             uncond = _log_prior(hist, names, None, b)
             prior = torch.cat([cond, uncond]) if two else (cond if cond is not None else uncond)
-            den = Mixture([unet_denoiser(u) for u in unets], comp_router, prior.to(dev), prune, commit, draws,
-                          sched_conf["num_train_timesteps"])
+            den = Mixture(dens, comp_router, prior.to(dev), prune, commit, draws, sched_conf["num_train_timesteps"],
+                          joint)
         with torch.inference_mode():
             res: SampleResult = run_sampler(den, make_scheduler(sched_conf, sampler), noise, y, null,
                                             guidance, steps, gen, callback)
@@ -394,7 +548,10 @@ def status(store: Store) -> dict:
             users[u] = dict(compartments=allowed, restricted=len(allowed) < len(comps))
         except StoreError as e:
             users[u] = dict(error=str(e))
+    a = adapter_config(store)
+    adapters = None if a is None else dict(asdict(a), public=list(a.public), base=model_state(store, BASE) if counts or a.base_from else "missing")
     return dict(store=str(store.root), config=asdict(cfg), train=asdict(train_config(store)), policy=users or None,
+                adapters=adapters,
                 sources=store.sources(), items=sum(counts.values()), labels=hist_all, compartments=comps,
                 paragon=models[PARAGON], router=dict(
                     **models[ROUTER],

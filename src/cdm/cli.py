@@ -159,6 +159,33 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
 
 
 @app.command()
+def adapters(store: Path, public: Optional[list[str]] = typer.Option(None, help="Source the base model trains on "
+                                                                            "(repeatable): marks it public."),
+             base_from: Optional[Path] = typer.Option(None, help="Import the base from a diffusers UNet2DModel folder."),
+             rank: int = typer.Option(4, help="LoRA rank of each compartment's adapter."),
+             alpha: float = typer.Option(4.0, help="LoRA alpha (scale = alpha / rank)."),
+             off: bool = typer.Option(False, "--off", help="Back to full-model compartments."),
+             json_out: bool = typer.Option(False, "--json")) -> None:
+    """Make compartments LoRA adapters on a shared base model trained only on public sources."""
+    from dataclasses import asdict
+
+    with _open(store) as s:
+        if not off and not public and base_from is None:
+            a = api.adapter_config(s)
+        elif off and (public or base_from):
+            _fail("--off takes no --public or --base-from")
+        else:
+            a = api.set_adapters(s, public, base_from, rank, alpha, off)
+    _emit(None if a is None else asdict(a), json_out)
+    if not json_out:
+        if a is None:
+            out.print("compartments are full models")
+        else:
+            base = f"trained on public source(s) {', '.join(a.public)}" if a.public else f"imported ({a.base_from[:12]})"
+            out.print(f"compartments are LoRA adapters (rank {a.rank}, alpha {a.alpha:g}) on a base model {base}")
+
+
+@app.command()
 def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."),
            label: Optional[str] = typer.Option(None, help="Class label (default: unconditional)."),
            allow: Optional[str] = typer.Option(None, help="Comma-separated compartments to compose (default: all)."),
@@ -174,6 +201,8 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
            commit: Optional[float] = typer.Option(None, help="Sparse routing: after this fraction of the steps, "
                                                              "each sample continues with one compartment drawn "
                                                              "from its weights."),
+           adapter_mode: str = typer.Option("merged", help="Adapter compartments: merged (fastest on CPU), loop "
+                                                           "(one base in memory) or joint (one batched call)."),
            out_dir: Path = typer.Option(Path("samples"), "--out", help="Where the PNGs go."),
            device: str = typer.Option("cpu"), json_out: bool = typer.Option(False, "--json")) -> None:
     """Sample from a composition of compartments, with per-sample attribution."""
@@ -195,7 +224,7 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
         elif policy is not None:
             _fail("--policy needs --user")
         g = api.sample(s, n, label, allowed, router, steps, guidance, seed, sampler, device, paragon, prune=prune,
-                       commit=commit)
+                       commit=commit, adapter_mode=adapter_mode)
         files, grid = write_samples(g.images, out_dir)
         recs = g.records(files)
     _emit({"grid": grid, "compartments": g.compartments, "router": g.router, "samples": recs}, json_out)
@@ -227,6 +256,11 @@ def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
                   " ".join(f"{k}:{v}" for k, v in r["labels"].items()))
     out.print(t)
     out.print(f"paragon: {st['paragon']['state']}   classifier router: {st['router']['state']}")
+    if st["adapters"]:
+        a = st["adapters"]
+        out.print(f"adapters: rank {a['rank']} on a base model "
+                  + (f"trained on public source(s) {', '.join(a['public'])}" if a["public"] else "imported")
+                  + f": {a['base']}")
     if st["policy"]:
         out.print("store policy: " + "; ".join(f"{u}: {', '.join(r['compartments'])}" if "compartments" in r
                                                else f"{u}: [red]{r['error']}[/]" for u, r in st["policy"].items()))

@@ -20,6 +20,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# all denoisers at once: (x, t, labels, keep (B, K) bool or None = all) -> eps (B, K, C, H, W), zero where not kept
+Joint = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 SAMPLERS = ("ddpm", "ddim")
 LOG_CLAMP = 50.0  # ito: keep log-weights within this margin of the leader (no effect at float precision)
 
@@ -133,11 +135,12 @@ class Mixture:
       so this samples the same distribution (exactly, for exact models and weights, without
       guidance); under guidance a sample's conditional and unconditional rows share the draw.
     With both None every compartment is evaluated: the dense mixture, bit for bit.
+    `joint`, if given, evaluates all denoisers in one call (adapters on one base).
     """
 
     def __init__(self, denoisers: list[Denoiser], router: Router, log_prior: torch.Tensor,
                  prune: float | None = None, commit: float | None = None, generator: torch.Generator | None = None,
-                 num_train_timesteps: int = 1000):
+                 num_train_timesteps: int = 1000, joint: Joint | None = None):
         if log_prior.shape[1] != len(denoisers):
             raise ValueError(f"log_prior has {log_prior.shape[1]} columns for {len(denoisers)} denoisers")
         if not torch.isfinite(log_prior).any(dim=1).all():
@@ -146,7 +149,7 @@ class Mixture:
             raise ValueError(f"prune must be a margin >= 0 (nats) or None, got {prune}")
         if commit is not None and not 0 <= commit <= 1:
             raise ValueError(f"commit must be a fraction of the trajectory in [0, 1] or None, got {commit}")
-        self.denoisers, self.router, self.prune = denoisers, router, prune
+        self.denoisers, self.router, self.prune, self.joint = denoisers, router, prune, joint
         self.commit_t = None if commit is None else (1 - commit) * (num_train_timesteps - 1)
         self.generator = generator or torch.Generator().manual_seed(0)
         self.tie: int | None = None  # set by `sample` under guidance: rows i and i + tie are one sample
@@ -163,9 +166,16 @@ class Mixture:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.sparse:
-            eps = torch.stack([d(x, t, labels) for d in self.denoisers], dim=1)  # (B, K, C, H, W)
+            if self.joint is not None:
+                eps = self.joint(x, t, labels, None)
+            else:
+                eps = torch.stack([d(x, t, labels) for d in self.denoisers], dim=1)  # (B, K, C, H, W)
             w = self.router.weights(self.state, x, t, labels)
             self.evaluations += x.shape[0] * len(self.denoisers)
+        elif self.joint is not None:
+            w, keep = self._sparse_weights(x, t, labels)
+            eps = self.joint(x, t, labels, keep)
+            self.evaluations += int(keep.sum())
         else:
             w, keep = self._sparse_weights(x, t, labels)
             eps = x.new_zeros((x.shape[0], len(self.denoisers), *x.shape[1:]))

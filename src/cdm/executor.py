@@ -72,13 +72,25 @@ class LocalExecutor:
         self.device, self.threads = device, threads
 
     def run(self, tasks: list[Task], progress: Progress | None = None) -> Iterator[Outcome]:
+        def report(*args) -> None:  # the caller's errors are the caller's, not the job's
+            try:
+                progress(*args)
+            except BaseException as e:
+                raise _CallerError() from e
+
         for t in tasks:
             try:
                 with _threads(self.threads) as n:
-                    res = train_job(t.job, t.out_dir, t.ckpt_dir, t.work_dir, self.device, progress)
+                    res = train_job(t.job, t.out_dir, t.ckpt_dir, t.work_dir, self.device, progress and report)
                 yield Outcome(t, res, None, n)
+            except _CallerError as e:
+                raise e.__cause__ from None
             except Exception as e:  # reported per job; KeyboardInterrupt and kills propagate
                 yield Outcome(t, error=f"{type(e).__name__}: {e}")
+
+
+class _CallerError(Exception):
+    pass
 
 
 class RayExecutor:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .data import DataError, Item, SplitRule, assign_slice, check_name
-from .store import PARAGON, ROUTER, Store, crashpoint, now
+from .store import BASE, PARAGON, ROUTER, Store, crashpoint, now
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
         labels[name] = next_id + i
 
     comps = rule.compartment_names(source)
-    reserved = [c for c in comps if c in (PARAGON, ROUTER)]
+    reserved = [c for c in comps if c in (PARAGON, ROUTER, BASE)]
     if reserved:
         raise DataError(f"compartment name(s) {', '.join(reserved)} are reserved; rename source {source!r}")
     owners = store.compartments()

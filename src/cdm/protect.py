@@ -6,6 +6,8 @@ compartment resumes from the checkpoint before the item's slice (SISA, Bourtoule
 2021), so the result is bit-identical to training from scratch without the item
 (architecture.md, invariants 3 and 7). The classifier router and the paragon were
 trained on the item too: they are deleted and retrained. The `ito` router holds no data.
+In a store of adapter compartments, a private item lives only in its adapter; an item of a
+public source was also in the base model, so the base and every adapter are retrained.
 
 Crash safety: the registry change and a cleanup intent naming every file that held the
 data commit together; a forget killed after that is finished by the next writer
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 from . import api
 from .executor import Executor, LocalExecutor
-from .store import PARAGON, ROUTER, Store, StoreError, crashpoint
+from .store import BASE, PARAGON, ROUTER, Store, StoreError, crashpoint
 from .train import Progress, stale_checkpoints
 
 
@@ -52,11 +54,11 @@ def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touch
         base = root / "models" / n
         paths += list(base.iterdir()) if base.is_dir() else []
     paths += [root / sub / c for c in dropped for sub in ("models", "checkpoints", "work")]
-    for n in [*touched, PARAGON]:
+    for n in dict.fromkeys([*touched, PARAGON, *(n for n in invalid if n not in dropped)]):
         ckpt = root / "checkpoints" / n
-        if ckpt.exists():
+        if ckpt.exists() and n != ROUTER:
             paths += stale_checkpoints(api.build_job(store, n, load_pixels=False), ckpt)
-    paths += [root / "work" / n for n in [*touched, PARAGON, ROUTER]]  # interrupted-training state
+    paths += [root / "work" / n for n in dict.fromkeys([*touched, *invalid, PARAGON, ROUTER])]  # interrupted runs
     paths.append(root / "eval")  # the evaluation feature extractor was trained on the items
     return [str(p.relative_to(root)) for p in paths]
 
@@ -84,7 +86,11 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
         gone = [r for r in rows.values() if r.compartment == compartment]
     touched = sorted({r.compartment for r in gone} - set(dropped))
     existing = store.models()
-    invalid = [n for n in [*touched, *dropped, PARAGON, ROUTER] if n in existing]
+    adapters = api.adapter_config(store)
+    on_base = []  # a public item was in the base: the base and every adapter on it saw it
+    if adapters is not None and not adapters.base_from and any(r.source in adapters.public for r in gone):
+        on_base = [BASE, *(n for n, m in existing.items() if m.info.get("adapter"))]
+    invalid = [n for n in dict.fromkeys([*touched, *dropped, PARAGON, ROUTER, *on_base]) if n in existing]
     before = {n: existing[n].digest for n in invalid}
 
     with store.tx() as db:
@@ -106,13 +112,19 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
     if ROUTER in existing:
         res.router = "deleted: retrain with cdm train"
     if retrain:
-        counts = store.counts()
-        todo = [n for n in touched if counts.get(n)]
+        executor = executor or LocalExecutor(device)
+        counts, live = store.counts(), store.compartments()
+        done = []
+        if BASE in invalid and any(r.source in adapters.public for r in store.items()):
+            done += api.run_jobs(store, [BASE], executor, progress, actor)  # adapters train on the new base
+        todo = [n for n in invalid if n in live and counts.get(n)
+                and (n not in on_base or store.model(BASE) is not None)]
         if PARAGON in existing and counts:
             todo.append(PARAGON)
         if ROUTER in existing and sum(1 for v in counts.values() if v) >= 2:
             todo.append(ROUTER)
-        for r in api.run_jobs(store, todo, executor or LocalExecutor(device), progress, actor):
+        done += api.run_jobs(store, todo, executor, progress, actor)
+        for r in done:
             res.retrained.append(dict(name=r.name, resumed_from=r.resumed_from, steps=r.steps,
                                       seconds=round(r.seconds, 3)))
         if ROUTER in todo:

@@ -38,6 +38,7 @@ from PIL import Image
 SCHEMA_VERSION = 1
 PARAGON = "paragon"
 ROUTER = "router"
+BASE = "base"  # shared base model of adapter compartments
 
 SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);

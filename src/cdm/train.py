@@ -30,6 +30,7 @@ from .models import build_router, build_unet
 
 Progress = Callable[[str, int, int, float], None]  # (job name, step done, total steps, loss)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RESUME = "resume.pt"  # mid-stage state of an interrupted run, in the job's work folder
 
 
@@ -72,7 +73,7 @@ class TrainJob:
     """Everything one model depends on, and nothing else (architecture.md, invariant 1)."""
 
     name: str
-    kind: str  # "compartment" | "paragon" | "router"
+    kind: str  # "compartment" | "paragon" | "router" | "base"
     hashes: list[str]
     labels: list[int]  # label ids, null id for unlabelled
     slices: list[int]  # SISA slice of each item (denoisers); compartment index (router)
@@ -156,6 +157,28 @@ def prune_checkpoints(job: TrainJob, ckpt_dir: Path) -> list[str]:
     return [p.name for p in gone]
 
 
+def weights_file(job: TrainJob) -> str:
+    return ADAPTER_WEIGHTS if job.extra.get("adapter") else WEIGHTS
+
+
+def _adapter_model(job: TrainJob):
+    """The job's base model (checked against the digest in its spec) with a fresh adapter."""
+    from diffusers import UNet2DModel
+
+    from .adapters import attach
+    from .store import file_digest
+
+    want = job.extra["adapter"]["base"]
+    if not job.base_dir or want is None:
+        raise ValueError(f"adapter compartment {job.name!r} needs the base model; train or import it first")
+    have = file_digest(Path(job.base_dir) / WEIGHTS)
+    if have != want:
+        raise ValueError(f"base model in {job.base_dir} has weights {have[:12]}, adapter {job.name!r} "
+                         f"expects {want[:12]}")
+    base = UNet2DModel.from_pretrained(job.base_dir, low_cpu_mem_usage=False)
+    return attach(base, job.extra["adapter"], job.seed)
+
+
 def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, device: str = "cpu",
               progress: Progress | None = None) -> TrainResult:
     """Run one job to completion, resuming where possible; write the model into `out_dir`."""
@@ -165,19 +188,36 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
     specs = [job.stage_spec(k) for k in range(job.stages)]
     cfg = job.train
     is_router = job.kind == "router"
-    model = build_router(job.model_config, job.seed) if is_router else build_unet(job.model_config, job.seed)
+    adapter = job.extra.get("adapter")
+    if is_router:
+        model = build_router(job.model_config, job.seed)
+    elif adapter:
+        model = _adapter_model(job)
+    else:
+        model = build_unet(job.model_config, job.seed)
     model.to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    ema = None if is_router else EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True,
-                                          power=cfg.ema_power)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ema = None if is_router else EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
     per_stage = stage_steps(cfg.steps, job.stages)
 
+    def weights() -> dict:  # an adapter's checkpoints hold the adapter only
+        if not adapter:
+            return model.state_dict()
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
     def state(stage: int, step: int, gen: torch.Generator | None) -> dict:
-        return dict(spec=specs[stage], stage=stage, step=step, model=model.state_dict(), opt=opt.state_dict(),
+        return dict(spec=specs[stage], stage=stage, step=step, model=weights(), opt=opt.state_dict(),
                     ema=None if ema is None else ema.state_dict(), gen=None if gen is None else gen.get_state())
 
     def load(s: dict) -> None:
-        model.load_state_dict(s["model"])
+        if adapter:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.copy_(s["model"][n])
+        else:
+            model.load_state_dict(s["model"])
         opt.load_state_dict(s["opt"])
         if ema is not None:
             ema.load_state_dict(s["ema"])
@@ -234,7 +274,7 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
             loss.backward()
             opt.step()
             if ema is not None:
-                ema.step(model.parameters())
+                ema.step(params)
             steps_run += 1
             loss_val = float(loss.detach())
             if progress:
@@ -249,10 +289,19 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
     model.eval()
     scheduler.save_pretrained(out_dir)
     if ema is not None:
-        ema.copy_to(model.parameters())
-    model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
+        ema.copy_to(params)
+    if adapter:
+        from safetensors.torch import save_file
+
+        from .adapters import adapter_state, lora_config
+
+        save_file(adapter_state(model.to("cpu")), str(out_dir / ADAPTER_WEIGHTS))
+        lora_config(adapter).save_pretrained(str(out_dir))  # peft's adapter_config.json
+    else:
+        model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     meta = dict(name=job.name, kind=job.kind, items=len(job.hashes), spec=job.spec, seed=job.seed,
-                train=asdict(cfg), num_slices=job.num_slices, null_label=job.null_label, classes=job.classes)
+                train=asdict(cfg), num_slices=job.num_slices, null_label=job.null_label, classes=job.classes,
+                adapter=adapter)
     (out_dir / "cdm.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return TrainResult(job.name, job.kind, len(job.hashes), steps_run, time.perf_counter() - t0, loss_val,
                        resumed, job.spec, out_dir)

@@ -1,0 +1,162 @@
+"""Adapter compartments: LoRA (Hu et al. 2021) on a shared base model, via peft.
+
+The CDM paper (Sec. 4) also trains per-compartment "prompts" on a shared backbone. Here a
+base denoiser is trained only on sources the operator marks public (or imported from a
+diffusers folder), and each compartment is a LoRA adapter on it, trained only on the
+compartment's items. Forgetting a private item retrains one adapter (SISA, as for full
+models); the base never sees private data.
+
+Composition runs the base with each adapter. `AdapterBank` holds one base with all
+adapters injected and evaluates several adapters in one batched call (peft's mixed-adapter
+batches); `merged` folds one adapter into a copy of the base, a plain UNet.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .train import ADAPTER_WEIGHTS  # noqa: F401 (re-exported)
+
+# resnet convolutions and time projections, attention projections, the label embedding
+TARGETS = r".*(conv1|conv2|time_emb_proj|to_q|to_k|to_v|to_out\.0|class_embedding)$"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How a store's compartments are built when they are adapters.
+
+    `public`: the sources the base model trains on (every compartment then is an adapter);
+    `base_from`: instead, the weights digest of a base imported from a diffusers folder."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    targets: str = TARGETS
+    public: tuple[str, ...] = field(default_factory=tuple)
+    base_from: str | None = None
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"adapter alpha must be > 0, got {self.alpha}")
+        if bool(self.public) == bool(self.base_from):
+            raise ValueError("adapters need exactly one base: public source(s) to train it on, or an imported folder")
+
+    def recipe(self) -> dict:
+        """What an adapter's weights depend on besides its items (goes into its spec)."""
+        return dict(rank=self.rank, alpha=self.alpha, targets=self.targets)
+
+
+def lora_config(recipe: dict):
+    try:
+        from peft import LoraConfig
+    except ImportError as e:
+        raise ValueError("adapter compartments need peft: pip install 'cdm[lora]'") from e
+
+    return LoraConfig(r=recipe["rank"], lora_alpha=recipe["alpha"], target_modules=recipe["targets"],
+                      init_lora_weights=True)
+
+
+def attach(unet, recipe: dict, seed: int, name: str = "default"):
+    """Inject a freshly initialised adapter whose weights depend only on (recipe, seed); only it trains."""
+    from peft import inject_adapter_in_model
+
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(lora_config(recipe), unet, adapter_name=name)
+    for n, p in unet.named_parameters():
+        p.requires_grad_(f".{name}." in n or n.endswith(f".{name}"))
+    return unet
+
+
+def adapter_state(unet, name: str = "default") -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
+
+
+def merged(base, recipe: dict, state: dict[str, torch.Tensor]):
+    """A plain UNet: the base with one adapter folded into its weights."""
+    from peft.tuners.lora import LoraModel
+
+    lm = LoraModel(copy.deepcopy(base), lora_config(recipe), "a")
+    _load(lm.model, state, "a")
+    return lm.merge_and_unload().eval().requires_grad_(False)
+
+
+def _load(unet, state: dict, name: str) -> None:
+    from peft import set_peft_model_state_dict
+
+    res = set_peft_model_state_dict(unet, state, adapter_name=name)
+    missing = [k for k in res.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
+    if res.unexpected_keys or missing:
+        raise ValueError(f"adapter weights do not fit the base: unexpected {res.unexpected_keys[:3]}, "
+                         f"missing {missing[:3]}")
+
+
+class AdapterBank:
+    """One base UNet with several adapters; a denoiser per adapter, and a joint call.
+
+    Calls hold a lock: the adapter of each row is passed to peft's layers through forward
+    hooks on the shared modules."""
+
+    def __init__(self, base, adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]]):
+        from peft import inject_adapter_in_model
+
+        self.unet = copy.deepcopy(base).eval().requires_grad_(False)
+        self.names = list(adapters)
+        for name, (recipe, state) in adapters.items():
+            with warnings.catch_warnings():  # peft warns that several adapters share the model: that is the point
+                warnings.simplefilter("ignore", UserWarning)
+                inject_adapter_in_model(lora_config(recipe), self.unet, adapter_name=name)
+            _load(self.unet, state, name)
+        self.unet.requires_grad_(False)
+        self._lock = threading.Lock()
+        from peft.tuners.lora import LoraLayer
+
+        self._layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
+
+    @contextmanager
+    def _rows(self, adapter_names: list[str]):
+        def hook(module, args, kwargs):
+            kwargs["adapter_names"] = adapter_names
+            return args, kwargs
+
+        with self._lock:
+            handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self._layers]
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        with self._rows(adapter_names):
+            return self.unet(x, t, class_labels=labels).sample
+
+    def denoiser(self, name: str):
+        """The calling convention of `compose`, for one adapter."""
+        if name not in self.names:
+            raise KeyError(name)
+        return lambda x, t, labels: self.forward(x, t, labels, [name] * x.shape[0])
+
+    def joint(self, names: list[str]):
+        """eps of every (row, adapter) pair marked in `keep` (rows, K), in one batched call."""
+
+        def run(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+            rows, cols = (keep if keep is not None else torch.ones(len(x), len(names), dtype=torch.bool)).nonzero(
+                as_tuple=True)
+            out = x.new_zeros((x.shape[0], len(names), *x.shape[1:]))
+            if len(rows):
+                eps = self.forward(x[rows], t[rows], labels[rows], [names[int(c)] for c in cols])
+                out[rows, cols] = eps
+            return out
+
+        return run
