@@ -11,7 +11,6 @@ Times whole `api.sample` calls (models already in memory), interleaved, median o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import console  # noqa: E402
+from common import console, emit  # noqa: E402
 
 from cdm import api  # noqa: E402
 from cdm.store import Store  # noqa: E402
@@ -59,13 +58,9 @@ def main() -> None:
     rows = [dict(config=c, seconds=round(statistics.median(v), 3), images_per_s=round(args.n / statistics.median(v), 1),
                  vs_paragon=round(statistics.median(v) / para, 3)) for c, v in times.items()]
     out = dict(k=len(ad.compartments()), n=args.n, steps=args.steps, threads=torch.get_num_threads(), results=rows)
-    print(json.dumps(out, indent=2))
-    print(f"\n{args.n} images, {args.steps} DDPM steps, CDM of {out['k']} compartments, ito router, "
-          f"median of {args.repeats}\n")
-    print("| model | images/s | time / paragon |")
-    print("|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['images_per_s']} | {r['vs_paragon']:.2f} |")
+    emit(out, f"{args.n} images, {args.steps} DDPM steps, CDM of {out['k']} compartments, ito router, "
+              f"median of {args.repeats}", ["model", "images/s", "time / paragon"],
+         [[r["config"], r["images_per_s"], f"{r['vs_paragon']:.2f}"] for r in rows])
 
 
 if __name__ == "__main__":

@@ -43,3 +43,15 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times), times
+
+
+def emit(out: dict, title: str, header: list[str], rows: list[list]) -> None:
+    """Print the JSON result, then a titled markdown table."""
+    import json
+
+    print(json.dumps(out, indent=2))
+    print(f"\n{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")

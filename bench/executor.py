@@ -14,7 +14,6 @@ Weights are bit-identical between configurations with the same threads per job.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import console, digits_store  # noqa: E402
+from common import console, digits_store, emit  # noqa: E402
 
 from cdm import api  # noqa: E402
 from cdm.executor import LocalExecutor, RayExecutor  # noqa: E402
@@ -69,12 +68,9 @@ def main() -> None:
     same = {c: d == one for c, d in digests.items()}
     out = dict(k=k, steps=steps, preset=tc.preset, cpus=cpus, torch=torch.__version__, results=rows,
                identical_to_local_1_thread=same)
-    print(json.dumps(out, indent=2))
-    print(f"\n{k} compartments x {steps} steps ({tc.preset} preset), {cpus} CPUs, median of {args.repeats}\n")
-    print("| executor | seconds | speed vs local | weights = local, 1 thread |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['seconds']} | {r['vs_local']:.2f}x | {'yes' if same[r['config']] else 'no'} |")
+    emit(out, f"{k} compartments x {steps} steps ({tc.preset} preset), {cpus} CPUs, median of {args.repeats}",
+         ["executor", "seconds", "speed vs local", "weights = local, 1 thread"],
+         [[r["config"], r["seconds"], f"{r['vs_local']:.2f}x", "yes" if same[r["config"]] else "no"] for r in rows])
 
 
 if __name__ == "__main__":

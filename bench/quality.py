@@ -16,7 +16,6 @@ same items are trained as full-model compartments in a second store, where the p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import console, digits_store, train  # noqa: E402
+from common import console, digits_store, emit, train  # noqa: E402
 
 from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items  # noqa: E402
 from cdm.store import PARAGON  # noqa: E402
@@ -101,15 +100,12 @@ def main() -> None:
     out = dict(quick=q, preset=preset, steps_per_model=steps, ks=ks, eval=asdict(cfg), extractor=asdict(ext),
                floor=floor, train_seconds=train_seconds, results=rows,
                wall_seconds=round(time.perf_counter() - t_start, 1))
-    print(json.dumps(out, indent=2))
-    print(f"\nreal-vs-real floor: {floor:.3f}  (samples {cfg.samples}, sampler steps {cfg.steps}, "
-          f"{steps} training steps per model, preset {preset})\n")
-    print("| store | compute | router | K | FID | FID / paragon | cond. acc. | memorized | attribution acc. |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        att = "" if r["attribution_accuracy"] is None else f"{r['attribution_accuracy']:.3f}"
-        print(f"| {r['store']} | {r['compute']} | {r['router'] or '-'} | {len(r['compartments'])} | {r['fid']:.3f} | "
-              f"{r['fid_ratio']:.3f} | {r['accuracy']:.3f} | {r['memorized']:.3f} | {att} |")
+    emit(out, f"real-vs-real floor: {floor:.3f}  (samples {cfg.samples}, sampler steps {cfg.steps}, "
+              f"{steps} training steps per model, preset {preset})",
+         ["store", "compute", "router", "K", "FID", "FID / paragon", "cond. acc.", "memorized", "attribution acc."],
+         [[r["store"], r["compute"], r["router"] or "-", len(r["compartments"]), f"{r['fid']:.3f}", f"{r['fid_ratio']:.3f}",
+           f"{r['accuracy']:.3f}", f"{r['memorized']:.3f}",
+           "" if r["attribution_accuracy"] is None else f"{r['attribution_accuracy']:.3f}"] for r in rows])
 
 
 def adapters_variant(args) -> None:
@@ -192,21 +188,17 @@ def adapters_variant(args) -> None:
                disk_bytes_per_compartment=dict(full=per_full, adapter=per_ad, ratio=round(per_ad / per_full, 4)),
                memory=memory, fid_adapters_vs_full=round(fid_ad / fid_full, 4),
                wall_seconds=round(time.perf_counter() - t_start, 1))
-    print(json.dumps(out, indent=2))
     para = rows[0]["fid"]
-    print(f"\nfloor {floor:.3f}; {len(public)} public items (base), {len(private)} private in {k} compartments + "
-          f"the public compartment; {steps} steps per model, preset {preset}, rank {args.rank}\n")
-    print("| model | FID | FID / paragon | FID / full CDM | cond. acc. | memorized | bytes on disk per compartment "
-          "| bytes in memory per compartment |")
-    print("|---|---|---|---|---|---|---|---|")
     mem = {"paragon": memory["full_model_bytes"], "full": memory["full_model_bytes"],
            "adapters": f"{memory['adapter_bank_bytes_per_compartment']:.0f} (loop/joint) or "
                        f"{memory['adapter_merged_bytes_per_compartment']:.0f} (merged), + base {memory['base_bytes']}"}
     disk = {"paragon": per_full, "full": per_full, "adapters": per_ad}
-    for r in rows:
-        key = r["model"].split()[-1]
-        print(f"| {r['model']} | {r['fid']:.3f} | {r['fid'] / para:.3f} | {r['fid'] / fid_full:.3f} | "
-              f"{r['accuracy']:.3f} | {r['memorized']:.3f} | {disk[key]} | {mem[key]} |")
+    emit(out, f"floor {floor:.3f}; {len(public)} public items (base), {len(private)} private in {k} compartments + "
+              f"the public compartment; {steps} steps per model, preset {preset}, rank {args.rank}",
+         ["model", "FID", "FID / paragon", "FID / full CDM", "cond. acc.", "memorized", "bytes on disk per compartment",
+          "bytes in memory per compartment"],
+         [[r["model"], f"{r['fid']:.3f}", f"{r['fid'] / para:.3f}", f"{r['fid'] / fid_full:.3f}", f"{r['accuracy']:.3f}",
+           f"{r['memorized']:.3f}", disk[r["model"].split()[-1]], mem[r["model"].split()[-1]]] for r in rows])
 
 
 if __name__ == "__main__":

@@ -136,3 +136,23 @@ def test_imported_base_and_bad_settings(tmp_path, digits):
         api.build_job(s, "base")
     api.set_adapters(s, off=True)
     assert api.plan(s, router=False) == ["digits-0", "digits-1"]  # full models again
+
+
+def test_cli_adapters(tmp_path, digits):
+    from typer.testing import CliRunner
+
+    from cdm.cli import app
+
+    s = adapter_store(tmp_path / "s", digits[:60])
+    api.set_adapters(s, off=True)
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    r = run("adapters", s.root, "--public", "nope")
+    assert r.exit_code == 2 and "unknown source(s) nope" in r.output
+    assert run("adapters", s.root, "--json").stdout.strip() == "null"
+    r = run("adapters", s.root, "--public", "public", "--rank", "2", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["rank"] == 2
+    r = run("status", s.root)
+    assert "adapters: rank 2 on a base model trained on public source(s) public: missing" in r.output
+    assert "LoRA adapters (rank 2" in run("adapters", s.root).output
+    assert run("adapters", s.root, "--off", "--public", "x").exit_code == 2
+    assert run("adapters", s.root, "--off").output.strip() == "compartments are full models"

@@ -23,7 +23,6 @@ from PIL import Image
 
 from cdm import api
 from cdm.data import load_folder
-from cdm.protect import forget
 from cdm.store import Store, StoreError
 from cdm.train import TrainConfig
 

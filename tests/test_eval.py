@@ -3,8 +3,6 @@ evaluator on a tiny trained store (cached deterministic extractor, forgetting re
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch

@@ -2,9 +2,9 @@
 
 A `Task` is a self-contained `TrainJob` and the store folders its files belong in. An
 executor runs tasks and yields, per task, the result or the error it raised; the driver
-(`api.run_jobs`) then registers each model; no worker ever opens the registry. The same job with the same number of threads gives bit-identical weights on either
-executor (CPU kernels split their reductions by thread count, so threads are part of the
-recipe of a run, and are recorded with each model).
+(`api.run_jobs`) then registers each model; no worker ever opens the registry. The same
+job with the same number of threads gives bit-identical weights on either executor (CPU
+kernels split their sums by thread count, so threads are recorded with each model).
 
 - `LocalExecutor`: runs the jobs one after the other in this process.
 - `RayExecutor`: one Ray task per job with its CPUs and GPUs, on a local Ray instance it
