@@ -30,13 +30,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench-work/quality/full"))
     ap.add_argument("--k", type=int, default=8, help="private compartments of the stores to use")
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=None, help="default: 4 x rank (as quality.py --adapters)")
     ap.add_argument("--n", type=int, default=250, help="images per call")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     full = Store.open(args.work / f"full-{args.k}")
-    ad = Store.open(args.work / f"adapters-{args.k}-r{args.rank}")
+    ad = Store.open(args.work / f"adapters-{args.k}-r{args.rank}-a{args.alpha or 4.0 * args.rank:g}")
     labels = [str(i % 10) for i in range(args.n)]
     kw = dict(steps=args.steps, guidance=1.0, seed=0, device=args.device, batch_size=args.n)
     calls = {"paragon": lambda: api.sample(full, args.n, labels, paragon=True, **kw),

@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--adapters", action="store_true", help="the adapter variant (see above)")
     ap.add_argument("--rank", type=int, default=4, help="adapter variant: LoRA rank")
+    ap.add_argument("--alpha", type=float, default=None, help="adapter variant: LoRA alpha (default: 4 x rank)")
     args = ap.parse_args()
     if args.adapters:
         return adapters_variant(args)
@@ -138,10 +139,11 @@ def adapters_variant(args) -> None:
             api.ingest(s, "public", public, "one")
             api.ingest(s, "private", private, f"iid:{k}")
             if adapters:
-                api.set_adapters(s, public=["public"], rank=args.rank, alpha=float(args.rank))
+                api.set_adapters(s, public=["public"], rank=args.rank, alpha=alpha)
             return s
 
-    stores = {"full": build(f"full-{k}", False), "adapters": build(f"adapters-{k}-r{args.rank}", True)}
+    alpha = args.alpha or 4.0 * args.rank
+    stores = {"full": build(f"full-{k}", False), "adapters": build(f"adapters-{k}-r{args.rank}-a{alpha:g}", True)}
     train_s = {}
     for name, s in stores.items():
         console.print(f"[bold]{name}[/]: training (resumes if interrupted)")
@@ -183,7 +185,8 @@ def adapters_variant(args) -> None:
                   base_bytes=4 * base_params)
     by = {r["model"]: r for r in rows}
     fid_full, fid_ad = by[f"CDM-{k + 1} full"]["fid"], by[f"CDM-{k + 1} adapters"]["fid"]
-    out = dict(quick=q, preset=preset, steps_per_model=steps, k_private=k, rank=args.rank, public_items=len(public),
+    out = dict(quick=q, preset=preset, steps_per_model=steps, k_private=k, rank=args.rank, alpha=alpha,
+               public_items=len(public),
                private_items=len(private), eval=asdict(cfg), floor=floor, train_seconds=train_s, results=rows,
                disk_bytes_per_compartment=dict(full=per_full, adapter=per_ad, ratio=round(per_ad / per_full, 4)),
                memory=memory, fid_adapters_vs_full=round(fid_ad / fid_full, 4),
@@ -194,7 +197,7 @@ def adapters_variant(args) -> None:
                        f"{memory['adapter_merged_bytes_per_compartment']:.0f} (merged), + base {memory['base_bytes']}"}
     disk = {"paragon": per_full, "full": per_full, "adapters": per_ad}
     emit(out, f"floor {floor:.3f}; {len(public)} public items (base), {len(private)} private in {k} compartments + "
-              f"the public compartment; {steps} steps per model, preset {preset}, rank {args.rank}",
+              f"the public compartment; {steps} steps per model, preset {preset}, rank {args.rank}, alpha {alpha:g}",
          ["model", "FID", "FID / paragon", "FID / full CDM", "cond. acc.", "memorized", "bytes on disk per compartment",
           "bytes in memory per compartment"],
          [[r["model"], f"{r['fid']:.3f}", f"{r['fid'] / para:.3f}", f"{r['fid'] / fid_full:.3f}", f"{r['accuracy']:.3f}",

@@ -58,9 +58,11 @@ def adapter_config(store: Store) -> AdapterConfig | None:
 
 
 def set_adapters(store: Store, public: list[str] | None = None, base_from: str | Path | None = None,
-                 rank: int = 4, alpha: float = 4.0, off: bool = False, actor: str | None = None) -> AdapterConfig | None:
+                 rank: int = 4, alpha: float | None = None, off: bool = False,
+                 actor: str | None = None) -> AdapterConfig | None:
     """Make every compartment a LoRA adapter on a base model trained on the `public` sources
     (or imported from the diffusers folder `base_from`); `off` goes back to full models.
+    `alpha` defaults to 4 x rank (LoRA scale 4).
     Changing this makes every compartment stale; `cdm train` then rebuilds them."""
     with store.writing("adapters"):
         if off:
@@ -74,7 +76,8 @@ def set_adapters(store: Store, public: list[str] | None = None, base_from: str |
             digest = None
             if base_from is not None:
                 digest = _check_base_folder(store, Path(base_from))
-            cfg = AdapterConfig(rank, alpha, public=tuple(sorted(set(public or ()))), base_from=digest)
+            cfg = AdapterConfig(rank, 4.0 * rank if alpha is None else alpha, public=tuple(sorted(set(public or ()))),
+                                base_from=digest)
         if base_from is not None and cfg is not None:
             _install_base(store, Path(base_from), cfg.base_from)
         with store.tx() as db:

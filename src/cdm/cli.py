@@ -163,7 +163,7 @@ def adapters(store: Path, public: Optional[list[str]] = typer.Option(None, help=
                                                                             "(repeatable): marks it public."),
              base_from: Optional[Path] = typer.Option(None, help="Import the base from a diffusers UNet2DModel folder."),
              rank: int = typer.Option(4, help="LoRA rank of each compartment's adapter."),
-             alpha: float = typer.Option(4.0, help="LoRA alpha (scale = alpha / rank)."),
+             alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scale = alpha / rank; default 4 x rank)."),
              off: bool = typer.Option(False, "--off", help="Back to full-model compartments."),
              json_out: bool = typer.Option(False, "--json")) -> None:
     """Make compartments LoRA adapters on a shared base model trained only on public sources."""
