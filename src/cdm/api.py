@@ -198,7 +198,7 @@ def plan(store: Store, compartments: list[str] | None = None, paragon: bool = Fa
             if not any(r.source in adapters.public for r in store.items()):
                 raise StoreError(f"the base model trains on source(s) {', '.join(adapters.public)}, "
                                  f"which hold no items")
-            todo.insert(0, BASE)
+            todo = [BASE, *(n for n in names if counts.get(n, 0))]  # a new base makes every adapter stale
     if paragon and counts and model_state(store, PARAGON) != "ready":
         todo.append(PARAGON)
     if router is None:
@@ -223,12 +223,8 @@ def train(store: Store, compartments: list[str] | None = None, paragon: bool = F
                 with store.tx() as db:
                     store.set_meta(db, "train", asdict(replace(train_config(store), steps=steps)))
                     store.log(db, "config", {"train.steps": steps}, actor)
-        executor = executor or LocalExecutor(device)
-        names, results = plan(store, compartments, paragon, router), []
-        if names[:1] == [BASE]:  # adapters are trained on the base: it goes first, then re-plan
-            results += run_jobs(store, [BASE], executor, progress, actor)
-            names = plan(store, compartments, paragon, router)
-        return results + run_jobs(store, names, executor, progress, actor)
+        return run_jobs(store, plan(store, compartments, paragon, router), executor or LocalExecutor(device),
+                        progress, actor)
 
 
 class TrainError(StoreError):
@@ -243,35 +239,48 @@ class TrainError(StoreError):
 def run_jobs(store: Store, names: list[str], executor: Executor | None = None, progress: Progress | None = None,
              actor: str | None = None) -> list[TrainResult]:
     """Build the named models' jobs, run them on `executor` and install each model atomically
-    as it arrives. A failed job is reported by name (`TrainError`) after the rest are installed."""
+    as it arrives. A failed job is reported by name (`TrainError`) after the rest are installed.
+    A named base model is trained and installed first, and the other jobs built after it: an
+    adapter's job holds its base's digest (if the base fails, nothing else runs)."""
     executor = executor or LocalExecutor()
+    waves = [[BASE], [n for n in names if n != BASE]] if BASE in names else [names]
+    results: list[TrainResult] = []
+    failed: dict[str, str] = {}
     with store.writing("train"):
-        tasks = [Task(build_job(store, n), store.new_model_dir(n), store.root / "checkpoints" / n,
-                      store.root / "work" / n) for n in names]
-        results, failed = [], {}
-        try:
-            for o in executor.run(tasks, progress):
-                job, res = o.task.job, o.result
-                if o.error is not None:
-                    failed[job.name] = o.error
-                    continue
-                info = dict(items=res.items, steps=job.train.steps, seconds=round(res.seconds, 3),
-                            final_loss=res.final_loss, resumed_from=res.resumed_from, classes=job.classes,
-                            executor=executor.name, threads=o.threads, weights=weights_file(job))
-                if job.extra.get("adapter"):
-                    info["adapter"] = job.extra["adapter"]  # recipe and base digest
-                row = store.install_model(job.name, job.kind, job.spec, o.task.out_dir, weights_file(job), info,
-                                          event=dict(items=res.items, steps_run=res.steps,
-                                                     resumed_from=res.resumed_from, executor=executor.name))
-                res.out_dir = store.root / row.path
-                results.append(res)
-        finally:
-            for t in tasks:  # folders of failed or unfinished jobs
-                if t.out_dir.exists():
-                    shutil.rmtree(t.out_dir, ignore_errors=True)
-        if failed:
-            raise TrainError(failed, results)
-        return results
+        for wave in waves:
+            if not failed:
+                results += _run_wave(store, wave, executor, progress, failed)
+    if failed:
+        raise TrainError(failed, results)
+    return results
+
+
+def _run_wave(store: Store, names: list[str], executor: Executor, progress: Progress | None,
+              failed: dict[str, str]) -> list[TrainResult]:
+    tasks = [Task(build_job(store, n), store.new_model_dir(n), store.root / "checkpoints" / n,
+                  store.root / "work" / n) for n in names]
+    results = []
+    try:
+        for o in executor.run(tasks, progress):
+            job, res = o.task.job, o.result
+            if o.error is not None:
+                failed[job.name] = o.error
+                continue
+            info = dict(items=res.items, steps=job.train.steps, seconds=round(res.seconds, 3),
+                        final_loss=res.final_loss, resumed_from=res.resumed_from, classes=job.classes,
+                        executor=executor.name, threads=o.threads, weights=weights_file(job))
+            if job.extra.get("adapter"):
+                info["adapter"] = job.extra["adapter"]  # recipe and base digest
+            row = store.install_model(job.name, job.kind, job.spec, o.task.out_dir, weights_file(job), info,
+                                      event=dict(items=res.items, steps_run=res.steps,
+                                                 resumed_from=res.resumed_from, executor=executor.name))
+            res.out_dir = store.root / row.path
+            results.append(res)
+    finally:
+        for t in tasks:  # folders of failed or unfinished jobs
+            if t.out_dir.exists():
+                shutil.rmtree(t.out_dir, ignore_errors=True)
+    return results
 
 
 # --- sampling ---------------------------------------------------------------------------
@@ -438,12 +447,13 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
 
         dev = torch.device(device)
         joint = None
-        if not paragon and adapter_config(store) is not None:
+        adapters = not paragon and adapter_config(store) is not None
+        if adapters:
             state = model_state(store, BASE)
             if state != "ready":
                 raise StoreError(f"the base model of the adapter compartments is "
                                  f"{'not trained' if state == 'missing' else 'out of date'}; run `cdm train`")
-        if not paragon and adapter_config(store) is not None and adapter_mode != "merged":
+        if adapters and adapter_mode != "merged":
             bank = load_bank(store, names, device)
             dens = [bank.denoiser(c) for c in names]
             joint = bank.joint(names) if adapter_mode == "joint" else None
@@ -552,7 +562,7 @@ def status(store: Store) -> dict:
         except StoreError as e:
             users[u] = dict(error=str(e))
     a = adapter_config(store)
-    adapters = None if a is None else dict(asdict(a), public=list(a.public), base=model_state(store, BASE) if counts or a.base_from else "missing")
+    adapters = None if a is None else dict(asdict(a), public=list(a.public), base=model_state(store, BASE))
     return dict(store=str(store.root), config=asdict(cfg), train=asdict(train_config(store)), policy=users or None,
                 adapters=adapters,
                 sources=store.sources(), items=sum(counts.values()), labels=hist_all, compartments=comps,

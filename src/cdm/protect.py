@@ -114,17 +114,15 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
     if retrain:
         executor = executor or LocalExecutor(device)
         counts, live = store.counts(), store.compartments()
-        done = []
-        if BASE in invalid and any(r.source in adapters.public for r in store.items()):
-            done += api.run_jobs(store, [BASE], executor, progress, actor)  # adapters train on the new base
-        todo = [n for n in invalid if n in live and counts.get(n)
-                and (n not in on_base or store.model(BASE) is not None)]
+        # the base retrains if public items remain; its adapters only on a base (run_jobs: base first)
+        base = BASE in invalid and any(r.source in adapters.public for r in store.items())
+        todo = [BASE] if base else []
+        todo += [n for n in invalid if n in live and counts.get(n) and (n not in on_base or base)]
         if PARAGON in existing and counts:
             todo.append(PARAGON)
         if ROUTER in existing and sum(1 for v in counts.values() if v) >= 2:
             todo.append(ROUTER)
-        done += api.run_jobs(store, todo, executor, progress, actor)
-        for r in done:
+        for r in api.run_jobs(store, todo, executor, progress, actor):
             res.retrained.append(dict(name=r.name, resumed_from=r.resumed_from, steps=r.steps,
                                       seconds=round(r.seconds, 3)))
         if ROUTER in todo:
