@@ -1,13 +1,16 @@
 """Sampling speed: images per second of the paragon and of CDM-K compositions with each
 router, side by side in one run (configurations interleaved within each repeat), medians
 over repeats. Speed does not depend on how well the models are trained, so without --work
-the stores are trained for one step only. With --prune, CDM-K is also timed with sparse
-composition at each setting, and with --fid N each configuration's FID (N samples) is measured
-so the speed/quality curve comes from one run. Prints JSON, then a table.
+the stores are trained for one step only. With --sparse, CDM-K is also timed with sparse
+composition at each setting (`+` joins settings: subset=2+commit=0.5), and with --fid N each
+configuration's FID (N samples) is measured so the speed/quality curve comes from one run. Every
+configuration draws the same noise and labels, so each sparse FID is compared with its dense
+one on paired samples: the table gives the change and its 90% bootstrap interval (samples
+resampled jointly across configurations, held-out images too). Prints JSON, then a table.
 
     python bench/sampling.py --work bench-work/quality/full   # the quality bench's stores
     python bench/sampling.py --work bench-work/quality/full --ks 8 --routers ito \\
-        --sparse prune=5,commit=0.5,commit=0.2,commit=0 --fid 1000
+        --sparse prune=5,commit=0.5,commit=0,subset=2+commit=0.5 --fid 4000
     python bench/sampling.py --quick
 """
 
@@ -17,15 +20,17 @@ import argparse
 import json
 import statistics
 import sys
+from math import isfinite
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import numpy as np  # noqa: E402
 from common import console, digits_store, train  # noqa: E402
 
 from cdm import api  # noqa: E402
-from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items  # noqa: E402
+from cdm.evaluate import ExtractorConfig, Features, frechet_distance, reference_items  # noqa: E402
 from cdm.train import RouterConfig, TrainConfig  # noqa: E402
 
 ROUTERS = ["ito", "classifier", "uniform"]
@@ -44,6 +49,7 @@ def main() -> None:
     ap.add_argument("--sparse", default="", help="comma-separated settings to time beside dense, "
                                                  "e.g. prune=5,commit=0.5 (see cdm.compose.Mixture)")
     ap.add_argument("--fid", type=int, default=0, help="also measure FID with this many samples per configuration")
+    ap.add_argument("--boot", type=int, default=200, help="bootstrap resamples for the FID change")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     q = args.quick
@@ -57,7 +63,7 @@ def main() -> None:
         train(s, paragon=k == ks[0])
         stores[k] = s
     routers = args.routers.split(",")
-    settings = [{}] + [{kv.split("=")[0]: float(kv.split("=")[1])} for kv in args.sparse.split(",") if kv.strip()]
+    settings = [{}] + [parse_setting(s) for s in args.sparse.split(",") if s.strip()]
     configs = [("paragon", ks[0], None, {})] + [
         (" ".join([f"cdm-{k} {r}", *(f"{a} {v:g}" for a, v in m.items())]), k, r, m)
         for k in ks for r in routers for m in settings]
@@ -75,29 +81,57 @@ def main() -> None:
         console.print(f"round {rep} done")
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["paragon"]
-    fid = {}
+    fid, delta = {}, {}
     if args.fid:
-        cfg = EvalConfig(samples=args.fid, steps=steps, guidance=args.guidance, batch_size=500)
         feats = Features(stores[ks[0]], cfg=ExtractorConfig(steps=100 if q else 600))
-        real = reference_items(stores[ks[0]])
+        real = feats(np.stack([it.pixels for it in reference_items(stores[ks[0]])]))[0]
+        fid_labels = [str(i % 10) for i in range(args.fid)]
+        gen_feats = {}
         for name, k, router, m in configs:
             console.print(f"FID of {name}")
-            ev = Evaluator(stores[k], real, cfg, features=feats)
-            fid[name] = ev.run(name, router=router or "ito", paragon=router is None, **m).fid
+            g = api.sample(stores[k], args.fid, fid_labels, None, router or "ito", steps, args.guidance, seed=1,
+                           device=args.device, paragon=router is None, batch_size=500, **m)
+            gen_feats[name] = feats(g.images)[0]
+            fid[name] = frechet_distance(gen_feats[name], real)
+        rng = np.random.default_rng(0)  # resample the samples (paired) and the held-out images
+        boot = [(rng.integers(0, args.fid, args.fid), rng.integers(0, len(real), len(real))) for _ in range(args.boot)]
+        for name, k, router, m in configs:
+            if router and m:
+                dense = gen_feats[f"cdm-{k} {router}"]
+                rel = [frechet_distance(gen_feats[name][i], real[j]) / frechet_distance(dense[i], real[j]) - 1
+                       for i, j in boot]
+                delta[name] = dict(change=fid[name] / fid[f"cdm-{k} {router}"] - 1,
+                                   low=float(np.quantile(rel, 0.05)), high=float(np.quantile(rel, 0.95)))
     out = dict(n=n, steps=steps, guidance=args.guidance, repeats=repeats, device=args.device,
                seconds=times, images_per_second={k: round(n / v, 2) for k, v in med.items()},
                time_vs_paragon={k: round(v / base, 3) for k, v in med.items()},
-               evaluations_per_sample_step=evals, fid=fid or None, fid_samples=args.fid or None)
+               evaluations_per_sample_step=evals, fid=fid or None, fid_samples=args.fid or None,
+               fid_change_vs_dense=delta or None)
     print(json.dumps(out, indent=2))
     print(f"\n{n} images, {steps} steps, guidance {args.guidance}, median of {repeats}"
           + (f"; FID from {args.fid} samples" if fid else "") + "\n")
-    print("| model | images/s | time / paragon | model evals per sample-step | FID | FID vs dense |\n|---|---|---|---|---|---|")
+    print("| model | images/s | time / paragon | model evals per sample-step | FID | FID vs dense [90% interval] |\n"
+          "|---|---|---|---|---|---|")
     for name, k, router, m in configs:
         v = med[name]
         dense = f"cdm-{k} {router}"
-        rel = f"{100 * (fid[name] / fid[dense] - 1):+.2f}%" if fid and router and m else ""
+        d = delta.get(name)
+        rel = f"{100 * d['change']:+.2f}% [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else ""
         print(f"| {name} | {n / v:.1f} | {v / base:.2f} | {evals[name]:.2f} | "
               f"{fid[name]:.3f} | {rel} |" if fid else f"| {name} | {n / v:.1f} | {v / base:.2f} | {evals[name]:.2f} | | |")
+
+
+def parse_setting(text: str) -> dict:
+    """'subset=2+commit=0.5' -> {'subset': 2, 'commit': 0.5} (keyword arguments of api.sample)."""
+    out = {}
+    for kv in text.split("+"):
+        key, _, value = kv.strip().partition("=")
+        if key not in ("prune", "commit", "subset") or not value:
+            raise SystemExit(f"bad --sparse setting {kv!r}: use prune=M, commit=F or subset=N, joined by +")
+        out[key] = int(value) if key == "subset" else float(value)
+        if not isfinite(out[key]) and key != "prune":
+            raise SystemExit(f"bad --sparse setting {kv!r}")
+    return out
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def test_cli_story(tmp_path):
     assert all(len(x["digest"]) == 64 for x in rows)
     assert [x["steps"] for x in rows[:2]] == [6, 6]  # --steps is the denoisers' recipe; the router keeps its own
     out = tmp_path / "out"
+    r = json.loads(cdm("sample", st, "-n", "3", "--steps", "4", "--subset", "1", "--out", out, "--json").stdout)
+    assert all(sorted(x["final"].values()) == [0.0, 1.0] for x in r["samples"])  # one compartment each
     r = json.loads(cdm("sample", st, "-n", "3", "--label", "7", "--steps", "4", "--out", out, "--json").stdout)
     assert len(r["samples"]) == 3 and (out / "grid.png").exists()
     s0 = r["samples"][0]

@@ -140,10 +140,10 @@ def test_classifier_router_picks_the_right_compartment(tmp_path):
     assert (res.final.argmax(1) == d.argmin(1)).double().mean() > 0.95
 
 
-def _mix_sample(router, prune, n=600, steps=50, seed=0, commit=None):
+def _mix_sample(router, prune, n=600, steps=50, seed=0, commit=None, subset=None):
     sched = make_scheduler(SCHED, "ddpm")
     mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in MEANS], router, PI.log().expand(n, 3), prune, commit,
-                  torch.Generator().manual_seed(5))
+                  torch.Generator().manual_seed(5), subset=subset)
     noise = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
     res = sample(mix, sched, noise, None, 0, 1.0, steps, torch.Generator().manual_seed(seed))
     return res, mix
@@ -181,3 +181,37 @@ def test_commit_samples_the_same_union_at_a_fraction_of_the_cost(commit):
     assert (res.final.max(1).values == 1).all() and (res.final.argmax(1) == d.argmin(1)).all()
     with pytest.raises(ValueError, match="commit must be a fraction"):
         _mix_sample(ItoRouter(), None, commit=1.5)
+
+
+def test_subsets_are_drawn_in_proportion_to_their_prior_mass():
+    n = 20000
+    prior = torch.tensor([[0.5, 0.3, 0.2, 0.0]], dtype=torch.float64).log().expand(n, 4)  # 4th: not eligible
+    mix = Mixture([lambda x, t, y: x] * 4, ItoRouter(), prior, subset=2, generator=torch.Generator().manual_seed(0))
+    mix(torch.zeros(n, 1, 1, 1), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    assert (mix.active.sum(1) == 2).all() and not mix.active[:, 3].any()
+    pairs = {(0, 1): 0.8, (0, 2): 0.7, (1, 2): 0.5}  # P(S) = pi_S / sum over S
+    for (i, j), mass in pairs.items():
+        got = (mix.active[:, i] & mix.active[:, j]).double().mean()
+        assert got == pytest.approx(mass / 2.0, abs=0.01)
+    assert mix.evaluations == 2 * n
+
+
+def test_subset_samples_the_same_union_with_fewer_evaluations():
+    res, mix = _mix_sample(ItoRouter(), None, n=1500, subset=2)
+    d = torch.stack([((res.images - m) ** 2).flatten(1).sum(1) for m in MEANS], 1)
+    frac = torch.bincount(d.argmin(1), minlength=3).double() / len(d)
+    assert torch.allclose(frac, PI, atol=0.04)  # averaged over the draws, the subsets compose the union
+    assert mix.evaluations == 1500 * 50 * 2
+    assert ((res.weights > 0).sum(2) <= 2).all()
+    both, _ = _mix_sample(ItoRouter(), None, n=1500, subset=2, commit=0.5)
+    d = torch.stack([((both.images - m) ** 2).flatten(1).sum(1) for m in MEANS], 1)
+    assert torch.allclose(torch.bincount(d.argmin(1), minlength=3).double() / len(d), PI, atol=0.04)
+
+
+def test_a_subset_of_every_compartment_is_bit_identical_to_dense():
+    dense, _ = _mix_sample(ItoRouter(), None)
+    full, _ = _mix_sample(ItoRouter(), None, subset=3)
+    assert torch.equal(dense.images, full.images) and torch.equal(dense.weights, full.weights)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="subset must be"):
+            _mix_sample(ItoRouter(), None, subset=bad)

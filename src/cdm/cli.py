@@ -201,6 +201,8 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
            commit: Optional[float] = typer.Option(None, help="Sparse routing: after this fraction of the steps, "
                                                              "each sample continues with one compartment drawn "
                                                              "from its weights."),
+           subset: Optional[int] = typer.Option(None, help="Sparse routing: each sample composes this many "
+                                                           "compartments, drawn by their priors."),
            adapter_mode: str = typer.Option("merged", help="Adapter compartments: merged (fastest on CPU), loop "
                                                            "(one base in memory) or joint (one batched call)."),
            out_dir: Path = typer.Option(Path("samples"), "--out", help="Where the PNGs go."),
@@ -224,7 +226,7 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
         elif policy is not None:
             _fail("--policy needs --user")
         g = api.sample(s, n, label, allowed, router, steps, guidance, seed, sampler, device, paragon, prune=prune,
-                       commit=commit, adapter_mode=adapter_mode)
+                       commit=commit, adapter_mode=adapter_mode, subset=subset)
         files, grid = write_samples(g.images, out_dir)
         recs = g.records(files)
     _emit({"grid": grid, "compartments": g.compartments, "router": g.router, "samples": recs}, json_out)

@@ -134,13 +134,19 @@ class Mixture:
       Given x_t, the mixture's reverse process is component i's with probability p(i | x_t),
       so this samples the same distribution (exactly, for exact models and weights, without
       guidance); under guidance a sample's conditional and unconditional rows share the draw.
-    With both None every compartment is evaluated: the dense mixture, bit for bit.
+    - `subset` (a count m): each sample composes only m compartments, drawn once at its
+      first step with probability proportional to the sum of their priors (draw one by the
+      prior, the rest uniformly). Averaged over the draw, the m-subset composition is the
+      union, sum_S P(S) sum_{i in S} pi_i p_i / pi_S = sum_i pi_i p_i (exact in distribution
+      like `commit`, which is the case m = 1 at the first step), while a few compartments
+      still share the high-noise steps where averaging predictions pays.
+    With all three None every compartment is evaluated: the dense mixture, bit for bit.
     `joint`, if given, evaluates all denoisers in one call (adapters on one base).
     """
 
     def __init__(self, denoisers: list[Denoiser], router: Router, log_prior: torch.Tensor,
                  prune: float | None = None, commit: float | None = None, generator: torch.Generator | None = None,
-                 num_train_timesteps: int = 1000, joint: Joint | None = None):
+                 num_train_timesteps: int = 1000, joint: Joint | None = None, subset: int | None = None):
         if log_prior.shape[1] != len(denoisers):
             raise ValueError(f"log_prior has {log_prior.shape[1]} columns for {len(denoisers)} denoisers")
         if not torch.isfinite(log_prior).any(dim=1).all():
@@ -149,11 +155,14 @@ class Mixture:
             raise ValueError(f"prune must be a margin >= 0 (nats) or None, got {prune}")
         if commit is not None and not 0 <= commit <= 1:
             raise ValueError(f"commit must be a fraction of the trajectory in [0, 1] or None, got {commit}")
+        if subset is not None and not (isinstance(subset, int) and subset >= 1):
+            raise ValueError(f"subset must be a number of compartments >= 1 or None, got {subset!r}")
         self.denoisers, self.router, self.prune, self.joint = denoisers, router, prune, joint
+        self.subset, self.log_prior = subset, log_prior
         self.commit_t = None if commit is None else (1 - commit) * (num_train_timesteps - 1)
         self.generator = generator or torch.Generator().manual_seed(0)
         self.tie: int | None = None  # set by `sample` under guidance: rows i and i + tie are one sample
-        self.committed = False
+        self.committed = self.drawn = False
         self.state = router.init(log_prior)
         self.active = torch.isfinite(log_prior)  # (rows, K): evaluated in the last call
         self.evaluations = 0  # rows x models actually evaluated, for the benchmarks
@@ -162,7 +171,7 @@ class Mixture:
 
     @property
     def sparse(self) -> bool:
-        return self.prune is not None or self.commit_t is not None
+        return self.prune is not None or self.commit_t is not None or self.subset is not None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.sparse:
@@ -197,6 +206,8 @@ class Mixture:
         """Weights (zero where not evaluated) and the (rows, K) mask of what to evaluate."""
         if self.committed:
             return self.active.to(torch.float64), self.active
+        if self.subset is not None and not self.drawn:
+            self._draw_subsets()
         w = self.router.weights(self.state, x, t, labels)
         keep = w > 0
         if self.prune is not None:
@@ -216,6 +227,23 @@ class Mixture:
             w, self.committed = keep.to(torch.float64), True
         self.active = keep
         return w, keep
+
+    def _draw_subsets(self) -> None:
+        """Restrict each sample to `subset` compartments S, drawn with P(S) proportional to pi_S."""
+        lp = self.log_prior if self.tie is None else self.log_prior[:self.tie]
+        lp = lp.to(torch.float64).cpu()
+        eligible = torch.isfinite(lp)
+        prior = torch.exp(lp - lp.max(dim=1, keepdim=True).values)  # 0 where not eligible
+        first = torch.multinomial(prior.float(), 1, generator=self.generator)  # one by the prior
+        keys = torch.rand(lp.shape, generator=self.generator, dtype=torch.float64)  # the rest uniformly
+        keys = torch.where(eligible, keys, -1.0).scatter(1, first, 2.0)
+        rank = keys.argsort(dim=1, descending=True).argsort(dim=1)
+        chosen = (rank < self.subset) & eligible
+        if self.tie is not None:
+            chosen = torch.cat([chosen, chosen])
+        chosen = chosen.to(self.state.device)
+        self.state = torch.where(chosen, self.state, -torch.inf)
+        self.active, self.drawn = chosen, True
 
     def observe(self, x_prev: torch.Tensor, alpha_bar: float, alpha_bar_prev: float) -> None:
         x, eps = self._last

@@ -75,7 +75,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
         eps = np.eye(len(s1)) * 1e-6
         covmean = scipy.linalg.sqrtm((s1 + eps) @ (s2 + eps))
@@ -213,7 +213,7 @@ class Evaluator:
         return frechet_distance(self.features(self.train_pixels[pick])[0], self.real_feats)
 
     def run(self, name: str, allow: list[str] | None = None, router: str = "ito", paragon: bool = False,
-            prune: float | None = None, commit: float | None = None) -> Metrics:
+            prune: float | None = None, commit: float | None = None, subset: int | None = None) -> Metrics:
         cfg, store = self.cfg, self.store
         comps = [PARAGON] if paragon else (sorted(allow) if allow else sorted(store.compartments()))
         hist = store.label_counts()
@@ -223,7 +223,7 @@ class Evaluator:
         t0 = time.perf_counter()
         gen = api.sample(store, cfg.samples, labels, None if paragon else comps, router, cfg.steps, cfg.guidance,
                          cfg.seed, device=self.device, paragon=paragon, batch_size=cfg.batch_size, prune=prune,
-                         commit=commit)
+                         commit=commit, subset=subset)
         seconds = time.perf_counter() - t0
         feats, preds = self.features(gen.images)
         acc = None
