@@ -115,6 +115,10 @@ def test_sparse_settings_through_the_api(trained):
     assert ((one.attribution == 0) | (one.attribution == 1)).all()  # one compartment per sample throughout
     two = api.sample(s, 6, None, None, "ito", steps=6, seed=3, subset=2, commit=0.5)
     assert 6 * 6 < two.evaluations < 2 * 6 * 6 and (two.final.max(1) == 1).all()
+    again = api.sample(s, 6, None, None, "ito", steps=6, seed=3, subset=2, commit=0.5)  # invariant 6: the draws
+    assert np.array_equal(two.images, again.images) and np.array_equal(two.attribution, again.attribution)
+    other = api.sample(s, 6, None, None, "ito", steps=6, seed=4, subset=2, commit=0.5)
+    assert not np.array_equal(two.attribution, other.attribution)
     for bad, match in [(dict(subset=0), "subset must be"), (dict(subset=1.5), "subset must be"),
                        (dict(commit=2.0), "commit must be"), (dict(prune=-1.0), "prune must be")]:
         with pytest.raises(StoreError, match=match):
