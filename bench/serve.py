@@ -3,6 +3,11 @@ server process; throughput, p50/p99 latency and errors. Prints JSON, then a tabl
 
     python bench/serve.py --store bench-work/quality/full/iid-4 --clients 8 --seconds 60
     python bench/serve.py --quick          # builds a tiny store
+    python bench/serve.py --quick --fairness   # one key floods, another sends one request at a time
+
+--fairness measures the polite client's latency alone, then while a second key floods the
+server from --clients threads, then alone again (medians, one run): the goal is a ratio
+under 2x, and every admitted request (not turned away with 429/503) answered 200.
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ def main() -> None:
     ap.add_argument("--router", default="ito")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--queue", type=int, default=8)
+    ap.add_argument("--per-key", type=int, default=None, help="requests one key may have admitted (server default 4)")
+    ap.add_argument("--fairness", action="store_true", help="flood from one key, time another key's requests")
+    ap.add_argument("--polite", type=int, default=None, help="fairness: polite requests per phase (default 20; quick 12)")
+    ap.add_argument("--think", type=float, default=0.0, help="fairness: seconds the polite client waits between "
+                                                               "requests (0: sends the next at once)")
+    ap.add_argument("--hostile", action="store_true", help="fairness: the flooder ignores Retry-After (retries at once)")
     args = ap.parse_args()
     seconds = args.seconds or (15 if args.quick else 60)
     tmp = Path(tempfile.mkdtemp(prefix="cdm-serve-bench-"))
@@ -63,11 +74,14 @@ def main() -> None:
         comps = sorted(s.compartments())
         labels = list(s.labels())
     key, digest = new_key()
-    (tmp / "policy.toml").write_text(f'[users.load]\ncompartments = {json.dumps(comps)}\nkeys = ["{digest}"]\n')
+    key2, digest2 = new_key()
+    (tmp / "policy.toml").write_text(f'[users.load]\ncompartments = {json.dumps(comps)}\nkeys = ["{digest}"]\n'
+                                     f'[users.polite]\ncompartments = {json.dumps(comps)}\nkeys = ["{digest2}"]\n')
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", "from cdm.cli import app; app()", "serve", str(store),
                                "--policy", str(tmp / "policy.toml"), "--port", str(port), "--workers",
-                               str(args.workers), "--queue", str(args.queue), "--max-steps", str(args.steps)],
+                               str(args.workers), "--queue", str(args.queue), "--max-steps", str(args.steps),
+                               *(["--per-key", str(args.per_key)] if args.per_key else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -79,6 +93,9 @@ def main() -> None:
                 time.sleep(0.1)
         headers = {"X-API-Key": key}
         httpx.post(url + "/v1/generate", json={"n": args.n, "steps": args.steps}, headers=headers, timeout=600)  # warm
+        if args.fairness:
+            fairness(args, url, key, key2, labels, args.polite or (12 if args.quick else 20))
+            return
         results: list[tuple[float, int]] = []
         stop_at = time.monotonic() + seconds
 
@@ -120,6 +137,60 @@ def main() -> None:
     print("\n| clients | requests ok | req/s | images/s | p50 s | p99 s | non-200 |\n|---|---|---|---|---|---|---|")
     print(f"| {args.clients} | {len(ok)} | {out['throughput_rps']} | {out['images_per_second']} | {out['latency_p50']} | "
           f"{out['latency_p99']} | {codes} |")
+
+
+def fairness(args, url: str, flood_key: str, polite_key: str, labels: list[str], rounds: int) -> None:
+    body = {"n": args.n, "steps": args.steps, "router": args.router}
+
+    def polite() -> list[float]:
+        lat = []
+        with httpx.Client(base_url=url, headers={"X-API-Key": polite_key}, timeout=600) as c:
+            for i in range(rounds):
+                t = time.perf_counter()
+                r = c.post("/v1/generate", json={**body, "seed": i, "label": labels[i % len(labels)]})
+                lat.append(time.perf_counter() - t)
+                assert r.status_code == 200, r.text
+                time.sleep(args.think * random.Random(i).uniform(0.5, 1.5))
+        return lat
+
+    alone = polite()
+    stop, flood_codes = threading.Event(), []
+
+    def flooder(i: int) -> None:
+        with httpx.Client(base_url=url, headers={"X-API-Key": flood_key}, timeout=600) as c:
+            while not stop.is_set():
+                r = c.post("/v1/generate", json={**body, "seed": i, "label": labels[i % len(labels)]})
+                flood_codes.append(r.status_code)
+                if r.status_code in (429, 503):  # a client library honours Retry-After; a hostile one does not
+                    time.sleep(0.01 if args.hostile else float(r.headers.get("Retry-After", "1")))
+
+    threads = [threading.Thread(target=flooder, args=(i,)) for i in range(args.clients)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the flood fills its share first
+    flooded = polite()
+    stop.set()
+    for t in threads:
+        t.join()
+    again = polite()
+    codes = {str(c): flood_codes.count(c) for c in sorted(set(flood_codes))}
+    admitted = sum(1 for c in flood_codes if c not in (429, 503))
+    base = statistics.median(alone + again)
+    out = dict(fairness=True, hostile=args.hostile, think_s=args.think, n=args.n, steps=args.steps, workers=args.workers, queue=args.queue, per_key=args.per_key,
+               flood_clients=args.clients, polite_requests=rounds, polite_alone_median_s=round(base, 3),
+               polite_alone_before_s=round(statistics.median(alone), 3),
+               polite_alone_after_s=round(statistics.median(again), 3),
+               polite_flooded_median_s=round(statistics.median(flooded), 3),
+               polite_flooded_max_s=round(max(flooded), 3),
+               ratio_median=round(statistics.median(flooded) / base, 2), ratio_max=round(max(flooded) / base, 2),
+               flood_status_codes=codes, flood_admitted=admitted, flood_admitted_ok=codes.get("200", 0),
+               admitted_lost=admitted - codes.get("200", 0), polite_lost=0)
+    print(json.dumps(out, indent=2))
+    print("\n| workers | think s | hostile | polite alone (median s) | polite under flood (median s) | ratio | max ratio | flood 200 / 429 / 503 | "
+          "admitted lost |\n|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.workers} | {args.think} | {args.hostile} | {out['polite_alone_median_s']} | {out['polite_flooded_median_s']} | {out['ratio_median']} | "
+          f"{out['ratio_max']} | {codes.get('200', 0)} / {codes.get('429', 0)} / {codes.get('503', 0)} | "
+          f"{out['admitted_lost']} |")
 
 
 if __name__ == "__main__":

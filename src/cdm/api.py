@@ -27,7 +27,7 @@ from .executor import Executor, LocalExecutor, Task
 from .data import DataError, load_builtin, load_folder, to_uint8_images  # noqa: F401 (re-exported)
 from .ingest import IngestResult, ingest  # noqa: F401 (re-exported)
 from .models import RouterNet, default_preset, unet_config
-from .store import BASE, PARAGON, ROUTER, Store, StoreConfig, StoreError, file_digest
+from .store import BASE, PARAGON, ROUTER, NotReady, Store, StoreConfig, StoreError, file_digest
 from .train import WEIGHTS, Progress, RouterConfig, TrainConfig, TrainJob, TrainResult, weights_file
 
 
@@ -192,7 +192,7 @@ def plan(store: Store, compartments: list[str] | None = None, paragon: bool = Fa
     if adapters is not None and todo:
         if adapters.base_from:
             if model_state(store, BASE) != "ready":
-                raise StoreError("the imported base model is missing or corrupted; import it again with "
+                raise NotReady("the imported base model is missing or corrupted; import it again with "
                                  "`cdm adapters --base-from DIR`")
         elif model_state(store, BASE) != "ready":
             if not any(r.source in adapters.public for r in store.items()):
@@ -249,14 +249,14 @@ def run_jobs(store: Store, names: list[str], executor: Executor | None = None, p
     with store.writing("train"):
         for wave in waves:
             if not failed:
-                results += _run_wave(store, wave, executor, progress, failed)
+                results += _run_wave(store, wave, executor, progress, failed, actor)
     if failed:
         raise TrainError(failed, results)
     return results
 
 
 def _run_wave(store: Store, names: list[str], executor: Executor, progress: Progress | None,
-              failed: dict[str, str]) -> list[TrainResult]:
+              failed: dict[str, str], actor: str | None = None) -> list[TrainResult]:
     tasks = [Task(build_job(store, n), store.new_model_dir(n), store.root / "checkpoints" / n,
                   store.root / "work" / n) for n in names]
     results = []
@@ -273,7 +273,7 @@ def _run_wave(store: Store, names: list[str], executor: Executor, progress: Prog
                 info["adapter"] = job.extra["adapter"]  # recipe and base digest
             row = store.install_model(job.name, job.kind, job.spec, o.task.out_dir, weights_file(job), info,
                                       event=dict(items=res.items, steps_run=res.steps,
-                                                 resumed_from=res.resumed_from, executor=executor.name))
+                                                 resumed_from=res.resumed_from, executor=executor.name), actor=actor)
             res.out_dir = store.root / row.path
             results.append(res)
     finally:
@@ -346,14 +346,15 @@ def _checked(store: Store, name: str):
     row = store.model(name)
     if row is None:
         what = "the base model" if name == BASE else f"compartment {name!r}"
-        raise StoreError(f"{what} is not trained; run `cdm train`")
+        raise NotReady(f"{what} is not trained; run `cdm train`")
     folder = store.root / row.path
     try:
         ok = file_digest(folder / row.info.get("weights", WEIGHTS)) == row.digest
     except OSError:
         ok = False
     if not ok:
-        raise StoreError(f"model files of {name!r} ({folder}) are missing or corrupted; retrain with `cdm train`")
+        raise NotReady(f"model files of {name!r} ({row.path} in the store) are missing or corrupted; "
+                       "retrain with `cdm train`")
     return row, folder
 
 
@@ -435,7 +436,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
         if paragon:
             names = [PARAGON]
             if model_state(store, PARAGON) != "ready":
-                raise StoreError("the paragon is not trained or out of date; run `cdm train --paragon`")
+                raise NotReady("the paragon is not trained or out of date; run `cdm train --paragon`")
         else:
             names = store.require_compartments(allow) if allow is not None else sorted(store.compartments())
             if not names:
@@ -443,7 +444,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
             for c in names:
                 state = model_state(store, c)
                 if state != "ready":
-                    raise StoreError(f"compartment {c!r} is {'not trained' if state == 'missing' else 'out of date'}; "
+                    raise NotReady(f"compartment {c!r} is {'not trained' if state == 'missing' else 'out of date'}; "
                                      f"run `cdm train`")
         hist = store.label_counts()
         for lab in sorted(set(per_sample) - {None}):
@@ -456,7 +457,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
         if adapters:
             state = model_state(store, BASE)
             if state != "ready":
-                raise StoreError(f"the base model of the adapter compartments is "
+                raise NotReady(f"the base model of the adapter compartments is "
                                  f"{'not trained' if state == 'missing' else 'out of date'}; run `cdm train`")
         if adapters and adapter_mode != "merged":
             bank = load_bank(store, names, device)
@@ -523,12 +524,12 @@ def _log_prior(hist: dict, names: list[str], lid: int | None, rows: int) -> torc
 def _classifier(store: Store, names: list[str], device: str) -> ClassifierRouter:
     state = model_state(store, ROUTER)
     if state != "ready":
-        raise StoreError(f"the classifier router is {'not trained' if state == 'missing' else 'stale (the data changed)'}"
+        raise NotReady(f"the classifier router is {'not trained' if state == 'missing' else 'stale (the data changed)'}"
                          f"; run `cdm train`, or use --router ito")
     row = store.model(ROUTER)
     folder = store.root / row.path
     if file_digest(folder / WEIGHTS) != row.digest:
-        raise StoreError(f"classifier router files ({folder}) are corrupted; retrain with `cdm train`")
+        raise NotReady(f"classifier router files ({row.path} in the store) are corrupted; retrain with `cdm train`")
     net = RouterNet.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
     classes = list(net.config.compartments)
     return ClassifierRouter(net, [classes.index(c) for c in names])
@@ -560,12 +561,12 @@ def status(store: Store) -> dict:
     from .policy import store_policy
 
     pol, users = store_policy(store), {}
+    missing = pol.missing(store) if pol else {}
     for u in sorted(pol.users) if pol else []:
-        try:
-            allowed = pol.allowed(store, u)
-            users[u] = dict(compartments=allowed, restricted=len(allowed) < len(comps))
-        except StoreError as e:
-            users[u] = dict(error=str(e))
+        allowed = pol.allowed(store, u)
+        users[u] = dict(compartments=allowed, restricted=len(allowed) < len(comps))
+        if u in missing:
+            users[u]["missing"] = missing[u]  # names that grant nothing (forgotten or never ingested)
     a = adapter_config(store)
     adapters = None if a is None else dict(asdict(a), public=list(a.public), base=model_state(store, BASE))
     return dict(store=str(store.root), config=asdict(cfg), train=asdict(train_config(store)), policy=users or None,

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,7 +27,7 @@ err = Console(stderr=True)
 
 
 def _fail(msg: str) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -102,6 +103,8 @@ def ingest(store: Path, source: str = typer.Option(..., help="Name of the data o
            folder: Optional[Path] = typer.Option(None, help="Folder of png/jpg, one sub-folder per label or flat."),
            split: str = typer.Option("iid:4", help="iid:K, by-class:K or one."),
            resize: bool = typer.Option(False, help="Convert images of another size or mode."),
+           follow_symlinks: bool = typer.Option(False, help="Read what symbolic links in the folder point to "
+                                                            "(refused by default)."),
            json_out: bool = typer.Option(False, "--json")) -> None:
     """Add a source's items to the store, assigning each to a compartment and a slice."""
     with _open(store) as s:
@@ -113,7 +116,7 @@ def ingest(store: Path, source: str = typer.Option(..., help="Name of the data o
             if resize:
                 items = resize_items(items, cfg.image_size, cfg.channels)
         else:
-            items = load_folder(folder, cfg.image_size, cfg.channels, resize)
+            items = load_folder(folder, cfg.image_size, cfg.channels, resize, follow_symlinks)
         r = api.ingest(s, source, items, split)
     _emit({"added": r.added, "duplicates": r.duplicates, "compartments": r.compartments}, json_out)
     if not json_out:
@@ -218,7 +221,13 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
             pol = Policy.load(policy) if policy else store_policy(s)
             if pol is None:
                 _fail("--user needs --policy FILE or a store policy (`cdm policy STORE --set FILE`)")
+            if router not in pol.rule(user).routers:
+                _fail(f"user {user!r} may not use the {router} router (policy allows: "
+                      f"{', '.join(pol.rule(user).routers)})")
             permitted = pol.allowed(s, user)
+            if not permitted:
+                _fail(f"user {user!r} may use no compartment at present: "
+                      + "; ".join(pol.missing(s).get(user, ["their rule names none"])) + " (not in the store)")
             refused = sorted(set(allowed or ()) - set(permitted))
             if refused:
                 _fail(f"user {user!r} may not use: {', '.join(refused)}")
@@ -264,8 +273,11 @@ def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
                   + (f"trained on public source(s) {', '.join(a['public'])}" if a["public"] else "imported")
                   + f": {a['base']}")
     if st["policy"]:
-        out.print("store policy: " + "; ".join(f"{u}: {', '.join(r['compartments'])}" if "compartments" in r
-                                               else f"{u}: [red]{r['error']}[/]" for u, r in st["policy"].items()))
+        out.print("store policy: " + escape("; ".join(f"{u}: {', '.join(r['compartments']) or '(nothing)'}"
+                                                      for u, r in st["policy"].items())))
+        for u, r in st["policy"].items():
+            if r.get("missing"):
+                out.print(f"[yellow]warning:[/] {escape('; '.join(r['missing']))}: not in the store, grants nothing")
     out.print(f"[dim]note: {st['router']['note']}[/]")
 
 
@@ -318,6 +330,7 @@ def serve(store: Path, policy: Path = typer.Option(..., help="Policy TOML: users
           max_steps: int = typer.Option(100, help="Most sampler steps per request."),
           workers: int = typer.Option(1, help="Requests sampled at once."),
           queue: int = typer.Option(8, help="Requests waiting beyond those (more get 503)."),
+          per_key: int = typer.Option(4, help="Requests one API key may have running or waiting (more get 429)."),
           device: str = typer.Option("cpu")) -> None:
     """Serve compositions over HTTP, each API key limited to its user's compartments (docs at /docs)."""
     import uvicorn
@@ -327,7 +340,7 @@ def serve(store: Path, policy: Path = typer.Option(..., help="Policy TOML: users
 
     with _errors():
         app_ = create_app(store, Policy.load(policy), ServeConfig(max_n=max_n, max_steps=max_steps, workers=workers,
-                                                                 queue=queue, device=device))
+                                                                 queue=queue, per_key=per_key, device=device))
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
@@ -362,21 +375,26 @@ def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Ite
 
 @app.command("policy")
 def policy_cmd(store: Path, set_file: Optional[Path] = typer.Option(None, "--set", help="Make this TOML the store's policy."),
+               allow_missing: bool = typer.Option(False, help="With --set: accept names the store does not hold "
+                                                              "(they grant nothing until such data is ingested)."),
                json_out: bool = typer.Option(False, "--json")) -> None:
     """Show or set the store's default access policy (users -> sources/compartments)."""
     from .policy import Policy, set_store_policy, store_policy
 
     with _open(store) as s:
         if set_file is not None:
-            set_store_policy(s, Policy.load(set_file))
+            set_store_policy(s, Policy.load(set_file), allow_missing=allow_missing)
         pol = store_policy(s)
         view = {} if pol is None else {u: pol.allowed(s, u) for u in sorted(pol.users)}
+        missing = {} if pol is None else pol.missing(s)
     _emit(view, json_out)
     if not json_out:
         if not view:
             out.print("no store policy")
         for u, comps in view.items():
-            out.print(f"{u}: {', '.join(comps)}")
+            out.print(escape(f"{u}: {', '.join(comps) or '(nothing at present)'}"))
+        for u, names in missing.items():
+            err.print(f"[yellow]warning:[/] {escape('; '.join(names))}: not in the store, grants nothing")
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ BUILTINS = ("digits",)
 DIGITS_TEST_FRACTION = 1 / 6  # 300 of 1797 images are held out, never ingested
 DIGITS_SPLIT_SEED = 20230803  # fixed: the held-out split must never move
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+LABEL_MAX = 64  # characters; the HTTP schema takes the same limit, so every label can be requested
+LABEL_PUNCT = " _-.,+()"
 
 
 class DataError(ValueError):
@@ -55,6 +58,17 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+def check_label(label: str) -> str:
+    """A label is 1-64 characters: letters, marks and digits of any script, and ' _-.,+()',
+    not starting or ending with a space. Nothing that markup, a path or a terminal would read."""
+    ok = (isinstance(label, str) and 0 < len(label) <= LABEL_MAX and label == label.strip(" ")
+          and all(c in LABEL_PUNCT or unicodedata.category(c)[0] in "LMN" for c in label))
+    if not ok:
+        raise DataError(f"label {label!r} is invalid: use 1-{LABEL_MAX} letters, digits, spaces and "
+                        f"'_-.,+()', not starting or ending with a space")
+    return label
+
+
 # --- sources --------------------------------------------------------------------------
 
 
@@ -81,14 +95,24 @@ def load_builtin(name: str, part: str = "train") -> list[Item]:
     return [Item(px[j], str(int(d.target[i])), f"digits[{i}]") for j, i in enumerate(idx)]
 
 
-def load_folder(folder: Path, image_size: int, channels: int, resize: bool = False) -> list[Item]:
+def load_folder(folder: Path, image_size: int, channels: int, resize: bool = False,
+                follow_symlinks: bool = False) -> list[Item]:
     """Images from `folder`: one sub-folder per label, or flat (unlabelled).
 
     Every file is checked before anything is returned; all problems are reported together.
+    Symbolic links (to files or sub-folders) are refused unless `follow_symlinks`: a link can
+    point outside the folder the owner handed over.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"folder not found: {folder}")
+    if not follow_symlinks:
+        links = sorted(str(p) for p in [*folder.iterdir(), *(q for d in folder.iterdir()
+                                                             if d.is_dir() and not d.is_symlink() for q in d.iterdir())]
+                       if p.is_symlink())
+        if links:
+            raise DataError(f"{len(links)} symbolic link(s) in {folder}, nothing was ingested (pass "
+                            f"--follow-symlinks to read what they point to):\n  " + "\n  ".join(links[:20]))
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
     flat = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if subdirs and flat:

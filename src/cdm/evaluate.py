@@ -30,7 +30,7 @@ import torch
 from . import api
 from .data import Item, to_tensor_array
 from .models import FeatureNet
-from .store import PARAGON, Store, StoreError
+from .store import PARAGON, Store, StoreError, private_files
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,9 @@ def feature_extractor(store: Store, cfg: ExtractorConfig = ExtractorConfig(), de
             net = FeatureNet(store.config.max_labels, store.config.channels, cfg.width, cfg.features)
         _fit(net, x, y, cfg)
         tmp = folder.parent / f".tmp-{uuid.uuid4().hex}"
-        net.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "cdm.json").write_text(json.dumps(dict(spec=spec, items=len(rows), config=asdict(cfg))))
+        with private_files():  # features of the store's items: owner-only like the store
+            net.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "cdm.json").write_text(json.dumps(dict(spec=spec, items=len(rows), config=asdict(cfg))))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process cached the same spec first

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .data import DataError, Item, SplitRule, assign_slice, check_name
+from .data import DataError, Item, SplitRule, assign_slice, check_label, check_name
 from .store import BASE, PARAGON, ROUTER, Store, crashpoint, now
 
 
@@ -49,6 +49,16 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
     if bad:
         raise DataError(f"{len(bad)} item(s) do not fit the store, nothing was ingested "
                         f"(pass --resize to convert):\n  " + "\n  ".join(bad[:20]))
+    bad_labels: dict[str, str] = {}
+    for it in items:
+        if it.label is not None and it.label not in bad_labels:
+            try:
+                check_label(it.label)
+            except DataError as e:
+                bad_labels[it.label] = f"{e} (from {it.origin})"
+    if bad_labels:
+        raise DataError(f"{len(bad_labels)} invalid label(s), nothing was ingested:\n  "
+                        + "\n  ".join(list(bad_labels.values())[:20]))
     if rule.kind == "by-class":
         unlabelled = [it.origin for it in items if it.label is None]
         if unlabelled:

@@ -1,16 +1,18 @@
-"""Access policies: which compartments each user may compose.
+"""Access policies: which compartments each user may compose, and who may forget what.
 
 A policy is TOML; each user names sources (all their compartments) and/or compartments,
-and, for `cdm serve`, the SHA-256 of each API key they may use (`cdm key` makes one) and
-whether they are an admin (may forget through the API):
+and, for `cdm serve`, the SHA-256 of each API key they may use (`cdm key` makes one):
 
     [users.alice]
     sources = ["digits"]
     compartments = ["museum"]
     keys = ["<sha256 of alice's key>"]
-    admin = false
+    routers = ["ito", "uniform"]   # optional: the routers alice may use (default: all)
+    admin = false                  # true: may forget within this rule; "store": anywhere
 
-A user's composition is exactly their allowed set, and only those models are opened.
+A user's composition is exactly the allowed compartments that exist now, and only those
+models are opened. A name that does not exist (a forgotten source, say) grants nothing and
+changes no other user's rights; `Policy.missing` reports it (docs/security.md).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .compose import ROUTERS
 from .store import Store, StoreError
+
+RULE_FIELDS = ("sources", "compartments", "keys", "routers", "admin")
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,8 @@ class UserRule:
     sources: tuple[str, ...] = ()
     compartments: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()  # sha256 hex of API keys
-    admin: bool = False
+    admin: bool | str = False  # True: may forget within this rule; "store": anywhere in the store
+    routers: tuple[str, ...] = ROUTERS  # the routers this user may sample with
 
 
 def hash_key(key: str) -> str:
@@ -42,6 +48,30 @@ def new_key() -> tuple[str, str]:
     """A fresh API key and the hash to put in the policy."""
     key = "cdm_" + secrets.token_urlsafe(24)
     return key, hash_key(key)
+
+
+def _parse_rule(origin: str, name: str, rule) -> UserRule:
+    where = f"{origin}: users.{name}"
+    if not isinstance(rule, dict):
+        raise StoreError(f"{where} must be a table with {', '.join(RULE_FIELDS)}, got {type(rule).__name__}")
+    extra = sorted(set(rule) - set(RULE_FIELDS))
+    if extra:
+        raise StoreError(f"{where}: unknown field(s) {', '.join(extra)}; a rule may have {', '.join(RULE_FIELDS)}")
+    for key in ("sources", "compartments", "keys", "routers"):
+        v = rule.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise StoreError(f"{where}.{key} must be a list of strings")
+    if any(not re.fullmatch(r"[0-9a-f]{64}", k) for k in rule.get("keys", [])):
+        raise StoreError(f"{where}.keys must hold SHA-256 hex digests of keys (`cdm key`), never keys themselves")
+    routers = rule.get("routers", list(ROUTERS))
+    unknown = sorted(set(routers) - set(ROUTERS))
+    if unknown:
+        raise StoreError(f"{where}.routers: unknown router(s) {', '.join(unknown)}; available: {', '.join(ROUTERS)}")
+    admin = rule.get("admin", False)
+    if not (admin is False or admin is True or admin == "store"):
+        raise StoreError(f'{where}.admin must be false, true (forget within this rule) or "store" (anywhere)')
+    return UserRule(tuple(rule.get("sources", [])), tuple(rule.get("compartments", [])), tuple(rule.get("keys", [])),
+                    admin, tuple(r for r in ROUTERS if r in routers))
 
 
 @dataclass(frozen=True)
@@ -59,23 +89,10 @@ class Policy:
         extra = set(data) - {"users"}
         if extra:
             raise StoreError(f"{origin}: unknown top-level field(s) {', '.join(sorted(extra))}; expected [users.NAME]")
-        users = {}
-        for name, rule in data.get("users", {}).items():
-            if not isinstance(rule, dict) or set(rule) - {"sources", "compartments", "keys", "admin"}:
-                raise StoreError(f"{origin}: users.{name} may only have 'sources', 'compartments', 'keys' lists "
-                                 f"and 'admin'")
-            for key in ("sources", "compartments", "keys"):
-                v = rule.get(key, [])
-                if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                    raise StoreError(f"{origin}: users.{name}.{key} must be a list of strings")
-            bad = [k for k in rule.get("keys", []) if not re.fullmatch(r"[0-9a-f]{64}", k)]
-            if bad:
-                raise StoreError(f"{origin}: users.{name}.keys must hold SHA-256 hex digests of keys (`cdm key`), "
-                                 f"never keys themselves")
-            if not isinstance(rule.get("admin", False), bool):
-                raise StoreError(f"{origin}: users.{name}.admin must be true or false")
-            users[name] = UserRule(tuple(rule.get("sources", [])), tuple(rule.get("compartments", [])),
-                                   tuple(rule.get("keys", [])), rule.get("admin", False))
+        table = data.get("users", {})
+        if not isinstance(table, dict):
+            raise StoreError(f"{origin}: users must be [users.NAME] tables, got {type(table).__name__}")
+        users = {name: _parse_rule(origin, name, rule) for name, rule in table.items()}
         owners: dict[str, str] = {}
         for name, r in users.items():
             for k in r.keys:
@@ -104,23 +121,52 @@ class Policy:
                     found = name
         return found
 
-    def check(self, store: Store) -> None:
-        """Every source and compartment the policy names must exist in the store."""
+    def missing(self, store: Store) -> dict[str, list[str]]:
+        """Per user, the names in their rule that the store does not hold (they grant nothing)."""
         comps, sources = store.compartments(), store.sources()
-        bad = [f"users.{u}.sources: {s}" for u, r in self.users.items() for s in r.sources if s not in sources]
-        bad += [f"users.{u}.compartments: {c}" for u, r in self.users.items() for c in r.compartments if c not in comps]
-        if bad:
-            raise StoreError(f"{self.origin} names unknown source(s)/compartment(s): {'; '.join(bad)}")
+        out: dict[str, list[str]] = {}
+        for u, r in self.users.items():
+            gone = [f"users.{u}.sources: {s}" for s in r.sources if s not in sources]
+            gone += [f"users.{u}.compartments: {c}" for c in r.compartments if c not in comps]
+            if gone:
+                out[u] = gone
+        return out
 
-    def allowed(self, store: Store, user: str) -> list[str]:
+    def check(self, store: Store) -> None:
+        """Refuse a policy that names sources or compartments the store does not hold (typos)."""
+        bad = [m for ms in self.missing(store).values() for m in ms]
+        if bad:
+            raise StoreError(f"{self.origin} names source(s)/compartment(s) the store does not hold: {'; '.join(bad)}. "
+                             "Such names grant nothing; pass --allow-missing to set it anyway")
+
+    def rule(self, user: str) -> UserRule:
         if user not in self.users:
             raise StoreError(f"unknown user {user!r} in {self.origin}; known: {', '.join(sorted(self.users))}")
-        self.check(store)
-        r = self.users[user]
-        names = {c for c, s in store.compartments().items() if s in r.sources} | set(r.compartments)
-        if not names:
-            raise StoreError(f"user {user!r} may use no compartment under {self.origin}")
-        return sorted(names)
+        return self.users[user]
+
+    def allowed(self, store: Store, user: str) -> list[str]:
+        """The compartments `user` may compose now: those of their sources, and those they name
+        that exist. Empty when nothing they name exists; never affected by other users' rules."""
+        r = self.rule(user)
+        comps = store.compartments()
+        return sorted(c for c, s in comps.items() if s in r.sources or c in r.compartments)
+
+    def may_forget(self, store: Store, user: str, items: list[str] | None = None, source: str | None = None,
+                   compartment: str | None = None) -> bool:
+        """Admin scope: "store" admins may forget anything; `admin = true` only existing data within
+        their own rule (a source they name, a compartment or items inside what they may use)."""
+        r = self.rule(user)
+        if r.admin == "store":
+            return True
+        if r.admin is not True:
+            return False
+        mine = set(self.allowed(store, user))
+        if source is not None:
+            return source in r.sources and source in store.sources()
+        if compartment is not None:
+            return compartment in mine
+        rows = store.item_rows(items or [])
+        return bool(items) and len(rows) == len(set(items)) and all(row.compartment in mine for row in rows.values())
 
 
 def store_policy(store: Store) -> Policy | None:
@@ -128,9 +174,13 @@ def store_policy(store: Store) -> Policy | None:
     return None if text is None else Policy.parse(text, "the store's default policy")
 
 
-def set_store_policy(store: Store, policy: Policy, actor: str | None = None) -> None:
+def set_store_policy(store: Store, policy: Policy, actor: str | None = None, allow_missing: bool = False) -> None:
+    """Make `policy` the store's default. Names the store does not hold are refused (typos) unless
+    `allow_missing`; a stored policy whose names are later forgotten stays valid."""
     with store.writing("policy"), store.tx() as db:
-        policy.check(store)
+        if not allow_missing:
+            policy.check(store)
         store.set_meta(db, "policy", policy.text)
-        store.log(db, "policy", {"users": {u: dict(sources=list(r.sources), compartments=list(r.compartments))
+        store.log(db, "policy", {"users": {u: dict(sources=list(r.sources), compartments=list(r.compartments),
+                                                   routers=list(r.routers), admin=r.admin)
                                            for u, r in policy.users.items()}, "origin": policy.origin}, actor)

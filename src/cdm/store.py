@@ -61,6 +61,14 @@ class StoreError(RuntimeError):
     """The store cannot do what was asked; the message names the culprit."""
 
 
+class NotReady(StoreError):
+    """A model that is needed is missing, out of date or corrupted: (re)train, or retry later."""
+
+
+class Busy(StoreError):
+    """Another writer holds the store's lock: retry when its work ends."""
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Fixed at `cdm init`: what every model in the store is built for."""
@@ -110,11 +118,23 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def private_files():
+    """Files and folders made inside are owner-only (0600/0700), whoever writes them (diffusers,
+    torch, SQLite). The umask is per process: writers hold it only while they write, and
+    `cdm serve`'s readers create no files (docs/security.md)."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to a temporary name in the same folder (owner-only), fsync, rename."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -141,8 +161,10 @@ class Store:
             raise StoreError(f"unsupported image format {config.image_size}px x {config.channels} channel(s)")
         if not 1 <= config.slices <= 64 or not 1 <= config.max_labels <= 4096:
             raise StoreError("slices must be in 1..64 and max_labels in 1..4096")
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root.chmod(0o700)  # a store holds other people's data: owner-only (docs/security.md)
         tmp = root / f".tmp-{uuid.uuid4().hex}.sqlite"
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         db = sqlite3.connect(tmp, isolation_level=None)
         db.executescript(SCHEMA)
         meta = {"schema_version": SCHEMA_VERSION, "config": asdict(config), "created": now()}
@@ -189,7 +211,7 @@ class Store:
         if self._lock_fd is not None:
             yield
             return
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -199,15 +221,16 @@ class Store:
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                     os.close(fd)
-                    raise StoreError(f"{self.root} is busy: {holder} holds its writer lock; "
+                    raise Busy(f"{self.root} is busy: {holder} holds its writer lock; "
                                      "try again when that work ends") from None
                 time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{what} (pid {os.getpid()}, since {now()})".encode(), 0)
         self._lock_fd = fd
         try:
-            self.recover()
-            yield
+            with private_files():
+                self.recover()
+                yield
         finally:
             self._lock_fd = None
             os.ftruncate(fd, 0)
@@ -367,6 +390,15 @@ class Store:
                 else self.db.execute(q + " ORDER BY hash"))
         return [ItemRow(*r) for r in rows]
 
+    def item_rows(self, hashes: list[str]) -> dict[str, ItemRow]:
+        """The registered items among `hashes`, by hash."""
+        rows = {}
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i:i + 500]
+            q = f"SELECT hash, source, compartment, slice, label FROM items WHERE hash IN ({','.join('?' * len(chunk))})"
+            rows.update({r[0]: ItemRow(*r) for r in self.db.execute(q, chunk)})
+        return rows
+
     def has_items(self, hashes: list[str]) -> set[str]:
         found: set[str] = set()
         for i in range(0, len(hashes), 500):
@@ -409,12 +441,12 @@ class Store:
         return d
 
     def install_model(self, name: str, kind: str, spec: str, tmp_dir: Path, weights_file: str,
-                      info: dict, event: dict | None = None) -> ModelRow:
+                      info: dict, event: dict | None = None, actor: str | None = None) -> ModelRow:
         """Rename the finished folder to its digest, then swap the registry row in one transaction."""
         with self.writing(f"install {name}"):
-            return self._install(name, kind, spec, tmp_dir, weights_file, info, event)
+            return self._install(name, kind, spec, tmp_dir, weights_file, info, event, actor)
 
-    def _install(self, name, kind, spec, tmp_dir, weights_file, info, event) -> ModelRow:
+    def _install(self, name, kind, spec, tmp_dir, weights_file, info, event, actor) -> ModelRow:
         digest = file_digest(tmp_dir / weights_file)
         final = tmp_dir.parent / digest[:16]
         if final.exists():
@@ -427,7 +459,7 @@ class Store:
             db.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (name, kind, spec, digest, rel, json.dumps(info), now()))
             if event is not None:
-                self.log(db, "train", {"model": name, "digest": digest, **event})
+                self.log(db, "train", {"model": name, "digest": digest, **event}, actor)
         crashpoint("install:committed")
         self.gc_model_dirs(name)
         return self.model(name)
