@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--hostile", action="store_true", help="fairness: the flooder ignores Retry-After (retries at once)")
     args = ap.parse_args()
     seconds = args.seconds or (15 if args.quick else 60)
+    if not args.fairness and args.per_key is None:
+        args.per_key = args.clients  # a load test: all clients share one key, and may fill the queue
     tmp = Path(tempfile.mkdtemp(prefix="cdm-serve-bench-"))
     if args.store is None:
         if not args.quick:

@@ -389,6 +389,10 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     def page() -> str:
         return PAGE
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
     @app.get("/app.js", include_in_schema=False)
     def script() -> Response:
         return Response(APP_JS, media_type="text/javascript")
