@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from common import console, digits_store, emit, train  # noqa: E402
 
+from cdm.compose import ROUTER_SPECS  # noqa: E402
 from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items  # noqa: E402
 from cdm.store import PARAGON  # noqa: E402
 from cdm.train import RouterConfig, TrainConfig  # noqa: E402
 
-ROUTERS = ["ito", "classifier", "uniform"]
+ROUTERS = list(ROUTER_SPECS)  # ito, classifier, uniform
 
 
 def main() -> None:

@@ -29,10 +29,11 @@ import numpy as np  # noqa: E402
 from common import console, digits_store, train  # noqa: E402
 
 from cdm import api  # noqa: E402
+from cdm.compose import ROUTER_SPECS  # noqa: E402
 from cdm.evaluate import ExtractorConfig, Features, frechet_distance, reference_items  # noqa: E402
 from cdm.train import RouterConfig, TrainConfig  # noqa: E402
 
-ROUTERS = ["ito", "classifier", "uniform"]
+ROUTERS = list(ROUTER_SPECS)  # ito, classifier, uniform
 
 
 def main() -> None:

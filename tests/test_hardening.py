@@ -4,6 +4,7 @@ bad input as 4xx, no symlinks followed at ingest, owner-only files, clear policy
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -13,17 +14,16 @@ import stat
 import threading
 import time
 
-import asyncio
-
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from cdm import api
-from cdm.cli import app as cli_app
 from cdm import data as cdm_data
+from cdm.cli import app as cli_app
 from cdm.data import DataError, Item, load_builtin, load_folder
 from cdm.policy import Policy, new_key
 from cdm.protect import forget
@@ -420,3 +420,33 @@ def test_a_policy_may_forbid_the_classifier_router(served, tmp_path):
     r = CliRunner().invoke(cli_app, ["sample", str(tmp_path / "s"), "--user", "carol", "--policy",
                                      str(tmp_path / "p.toml"), "--router", "classifier", "-n", "1", "--steps", "2"])
     assert r.exit_code == 2 and "classifier" in r.output
+
+
+# the router registry and the error kinds (one place each) --------------------------------------
+
+
+def test_router_names_and_needs_come_from_one_registry(served):
+    from cdm.compose import ROUTER_SPECS, ROUTERS, ItoRouter, Mixture, make_scheduler, sample
+
+    assert set(ROUTERS) == set(ROUTER_SPECS) == {"ito", "classifier", "uniform"}
+    assert [n for n, s in ROUTER_SPECS.items() if s.stochastic] == ["ito"]
+    assert [n for n, s in ROUTER_SPECS.items() if s.trained] == ["classifier"]
+    with served() as url:
+        props = httpx.get(url + "/openapi.json").json()["components"]["schemas"]["GenerateIn"]["properties"]
+    assert sorted(props["router"]["enum"]) == sorted(ROUTER_SPECS) and props["router"]["default"] == "ito"
+    assert Policy.parse("[users.a]\n").users["a"].routers == ROUTERS
+    mix = Mixture([lambda x, t, y: x], ItoRouter(), torch.zeros(1, 1))  # a stochastic-only router under DDIM
+    with pytest.raises(ValueError, match="needs the stochastic DDPM sampler"):
+        sample(mix, make_scheduler({"num_train_timesteps": 10}, "ddim"), torch.zeros(1, 1, 2, 2), None, 0, 1.0, 2,
+               torch.Generator())
+
+
+def test_error_kinds_map_to_http_statuses(served, tmp_path):
+    from cdm.errors import Busy, CdmError, DataError, NotFound, NotReady
+
+    assert [e.http_status for e in (CdmError, DataError, NotFound, NotReady, Busy)] == [422, 422, 404, 503, 503]
+    with served() as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/admin/forget", json={"source": "no-such-source"}, headers=H("ops"))  # a store-wide admin
+        assert r.status_code == 404 and "unknown source" in r.json()["detail"]
+        r = c.post("/v1/admin/forget", json={"items": ["0" * 64]}, headers=H("ops"))
+        assert r.status_code == 404 and "0" * 64 in r.json()["detail"]

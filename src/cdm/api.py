@@ -471,7 +471,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
         if not paragon:
             comp_router = {"uniform": UniformRouter, "ito": ItoRouter}.get(router)
             comp_router = comp_router() if comp_router else _classifier(store, names, device)
-            if comp_router.stochastic_only and sampler != "ddpm":
+            if comp_router.spec.stochastic and sampler != "ddpm":
                 raise StoreError(f"router {router!r} needs the stochastic ddpm sampler, not {sampler!r}; "
                                  f"use --sampler ddpm or --router classifier")
     null = null_label(store)

@@ -15,27 +15,32 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import api
-from .data import BUILTINS, DataError, load_builtin, load_folder
+from .compose import ROUTER_SPECS, router_help
+from .data import BUILTINS, load_builtin, load_folder
+from .errors import CdmError
 from .executor import make_executor
 from .ingest import resize_items
-from .store import Store, StoreError
+from .store import Store
 
+DEFAULT_ROUTER = next(iter(ROUTER_SPECS))
 app = typer.Typer(help="Compartmentalized Diffusion Models: one diffusion model per data compartment, "
                        "composed at sampling time.", no_args_is_help=True, pretty_exceptions_enable=False)
 out = Console()
 err = Console(stderr=True)
 
 
-def _fail(msg: str) -> None:
-    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
-    raise typer.Exit(2)
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # names stay whole
+    raise typer.Exit(code)
 
 
 @contextmanager
 def _errors():
     try:
         yield
-    except (DataError, StoreError, ValueError) as e:
+    except CdmError as e:  # each kind's exit code is set in cdm/errors.py
+        _fail(str(e), e.exit_code)
+    except ValueError as e:
         _fail(str(e))
     except KeyboardInterrupt:
         err.print("[yellow]interrupted; run the same command again to resume[/]")
@@ -192,7 +197,7 @@ def adapters(store: Path, public: Optional[list[str]] = typer.Option(None, help=
 def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."),
            label: Optional[str] = typer.Option(None, help="Class label (default: unconditional)."),
            allow: Optional[str] = typer.Option(None, help="Comma-separated compartments to compose (default: all)."),
-           router: str = typer.Option("ito", help="classifier, ito or uniform."),
+           router: str = typer.Option(DEFAULT_ROUTER, help=f"Router: {router_help()}."),
            sampler: str = typer.Option("ddpm", help="ddpm (ancestral) or ddim (deterministic)."),
            steps: int = typer.Option(50, help="Sampling steps."),
            guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none)."),
@@ -285,7 +290,7 @@ def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
 def eval_cmd(store: Path, samples: int = typer.Option(1000, help="Samples per model (1000+ separates models)."),
              steps: int = typer.Option(50, help="Sampling steps."),
              guidance: float = typer.Option(1.0, help="Classifier-free guidance scale."),
-             router: list[str] = typer.Option(["ito"], help="Routers to score (repeatable): ito, classifier, uniform."),
+             router: list[str] = typer.Option([DEFAULT_ROUTER], help=f"Routers to score (repeatable): {', '.join(ROUTER_SPECS)}."),
              allow: Optional[str] = typer.Option(None, help="Comma-separated compartments (default: all)."),
              paragon: Optional[bool] = typer.Option(None, "--paragon/--no-paragon", help="Score the paragon (default: when trained)."),
              real: str = typer.Option("digits", help="Held-out real images: a builtin's test split or a folder."),

@@ -35,9 +35,33 @@ def unet_denoiser(unet) -> Denoiser:
     return eps
 
 
-class Router(Protocol):
+@dataclass(frozen=True)
+class RouterSpec:
+    """What a router needs: the registry below is the one place router names are spelled."""
+
     name: str
-    stochastic_only: bool
+    stochastic: bool  # needs the stochastic (DDPM) sampler: its estimate is biased under DDIM
+    stateful: bool  # carries state across steps, updated with each step's outcome (`Mixture.observe`)
+    trained: bool  # a network fit to every compartment's data (stale when the data changes)
+    summary: str
+
+
+ROUTER_SPECS = {s.name: s for s in (  # the first is the default
+    RouterSpec("ito", True, True, False, "training-free; tracks each compartment's density along the "
+                                         "trajectory; needs the ddpm sampler"),
+    RouterSpec("classifier", False, False, True, "the paper's router: a network trained on noisy samples of "
+                                                 "every compartment, also those outside a restricted set"),
+    RouterSpec("uniform", False, False, False, "naive averaging, the baseline"),
+)}
+ROUTERS = tuple(sorted(ROUTER_SPECS))
+
+
+def router_help() -> str:
+    return "; ".join(f"{s.name}: {s.summary}" for s in ROUTER_SPECS.values())
+
+
+class Router(Protocol):
+    spec: RouterSpec
 
     def init(self, log_prior: torch.Tensor) -> torch.Tensor: ...
 
@@ -50,7 +74,7 @@ class Router(Protocol):
 class UniformRouter:
     """Naive averaging over the eligible compartments: the baseline CDM improves on."""
 
-    name, stochastic_only = "uniform", False
+    spec = ROUTER_SPECS["uniform"]
 
     def init(self, log_prior):
         return torch.where(torch.isfinite(log_prior), 0.0, -torch.inf).to(torch.float64)
@@ -70,7 +94,7 @@ class ClassifierRouter:
     over that subset's logits, which is the posterior restricted to the subset.
     """
 
-    name, stochastic_only = "classifier", False
+    spec = ROUTER_SPECS["classifier"]
 
     def __init__(self, net, columns: list[int]):
         self.net, self.columns = net, columns
@@ -94,7 +118,7 @@ class ItoRouter:
     with l_i(T) = log pi_i and w = softmax(l). Nothing in it was ever fit to data.
     """
 
-    name, stochastic_only = "ito", True
+    spec = ROUTER_SPECS["ito"]
 
     def init(self, log_prior):
         return log_prior.to(torch.float64).clone()
@@ -112,9 +136,6 @@ class ItoRouter:
         state = state + dl
         state = state - state.max(dim=1, keepdim=True).values
         return torch.where(torch.isfinite(state), state.clamp(min=-LOG_CLAMP), state)
-
-
-ROUTERS = ("classifier", "ito", "uniform")
 
 
 class Mixture:
@@ -213,7 +234,7 @@ class Mixture:
         if self.prune is not None:
             logw = torch.log(w)
             keep &= logw >= logw.max(dim=1, keepdim=True).values - self.prune
-        if self.router.stochastic_only:  # sticky: a dropped density cannot be tracked again
+        if self.router.spec.stateful:  # sticky: a dropped density cannot be tracked again
             keep &= self.active
         cut = (keep != (w > 0)).any(dim=1, keepdim=True)  # rows that lost a compartment: renormalise
         masked = torch.where(keep, w, 0.0)
@@ -248,12 +269,12 @@ class Mixture:
     def observe(self, x_prev: torch.Tensor, alpha_bar: float, alpha_bar_prev: float) -> None:
         x, eps = self._last
         self.state = self.router.update(self.state, x, x_prev, eps, alpha_bar, alpha_bar_prev)
-        if self.sparse and self.router.stochastic_only:
+        if self.sparse and self.router.spec.stateful:
             self.state = torch.where(self.active, self.state, -torch.inf)
 
     def final_weights(self) -> torch.Tensor:
         """Weights after the last observed step (for `ito`, they describe x_0)."""
-        if self.router.stochastic_only:
+        if self.router.spec.stateful:
             return torch.softmax(self.state, dim=1)
         return self.last_weights
 
@@ -291,8 +312,8 @@ def sample(denoiser: Denoiser | Mixture, scheduler, noise: torch.Tensor, labels:
     """
     mixture = denoiser if isinstance(denoiser, Mixture) else None
     stochastic = isinstance(scheduler, DDPMScheduler)
-    if mixture is not None and mixture.router.stochastic_only and not stochastic:
-        raise ValueError(f"router {mixture.router.name!r} needs the stochastic DDPM sampler "
+    if mixture is not None and mixture.router.spec.stochastic and not stochastic:
+        raise ValueError(f"router {mixture.router.spec.name!r} needs the stochastic DDPM sampler "
                          f"(its density estimate is biased under a deterministic one); use --sampler ddpm "
                          f"or the classifier router")
     if steps < 1 or steps > scheduler.config.num_train_timesteps:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import DataError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 BUILTINS = ("digits",)
 DIGITS_TEST_FRACTION = 1 / 6  # 300 of 1797 images are held out, never ingested
@@ -26,8 +28,6 @@ LABEL_MAX = 64  # characters; the HTTP schema takes the same limit, so every lab
 LABEL_PUNCT = " _-.,+()"
 
 
-class DataError(ValueError):
-    """Bad input data; the message names every offending file or field."""
 
 
 @dataclass(frozen=True)

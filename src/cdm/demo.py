@@ -15,6 +15,7 @@ import numpy as np
 from rich.console import Console
 
 from . import api
+from .compose import ROUTER_SPECS
 from .evaluate import EvalConfig, EvalReport, ExtractorConfig, evaluate_store
 from .report import grid, plot_weights, to_pil
 from .store import Store
@@ -90,7 +91,7 @@ def run_demo(out: Path, cfg: DemoConfig, device: str = "cpu", console: Console |
         timings["sample"] = time.perf_counter() - t
         t = time.perf_counter()
         with console.status("evaluating") as st:
-            ev = evaluate_store(store, ["ito", "classifier", "uniform"], True, None,
+            ev = evaluate_store(store, list(ROUTER_SPECS), True, None,
                                 EvalConfig(samples=cfg.eval_samples, steps=cfg.eval_steps, seed=cfg.seed + 1),
                                 device=device, log=st.update, extractor=ExtractorConfig(steps=cfg.extractor_steps))
         timings["eval"] = time.perf_counter() - t

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compose import ROUTERS
-from .store import Store, StoreError
+from .store import NotFound, Store, StoreError
 
 RULE_FIELDS = ("sources", "compartments", "keys", "routers", "admin")
 
@@ -141,7 +141,7 @@ class Policy:
 
     def rule(self, user: str) -> UserRule:
         if user not in self.users:
-            raise StoreError(f"unknown user {user!r} in {self.origin}; known: {', '.join(sorted(self.users))}")
+            raise NotFound(f"unknown user {user!r} in {self.origin}; known: {', '.join(sorted(self.users))}")
         return self.users[user]
 
     def allowed(self, store: Store, user: str) -> list[str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from . import api
 from .executor import Executor, LocalExecutor
-from .store import BASE, PARAGON, ROUTER, Store, StoreError, crashpoint
+from .store import BASE, PARAGON, ROUTER, NotFound, Store, StoreError, crashpoint
 from .train import Progress, stale_checkpoints
 
 
@@ -72,12 +72,12 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
     if items:
         unknown = [h for h in items if h not in rows]
         if unknown:
-            raise StoreError(f"unknown item hash(es): {', '.join(unknown)}")
+            raise NotFound(f"unknown item hash(es): {', '.join(unknown)}")
         gone = [rows[h] for h in dict.fromkeys(items)]
         dropped: list[str] = []
     elif source is not None:
         if source not in store.sources():
-            raise StoreError(f"unknown source {source!r}; known: {', '.join(store.sources()) or 'none'}")
+            raise NotFound(f"unknown source {source!r}; known: {', '.join(store.sources()) or 'none'}")
         dropped = [c for c, s in comps.items() if s == source]
         gone = [r for r in rows.values() if r.source == source]
     else:

@@ -35,11 +35,12 @@ from pydantic import BaseModel, Field, StringConstraints, create_model, field_va
 from starlette.datastructures import MutableHeaders
 
 from . import api
-from .compose import ROUTERS
-from .data import LABEL_MAX, NAME_RE, DataError, check_label
+from .compose import ROUTER_SPECS, ROUTERS
+from .data import LABEL_MAX, NAME_RE, check_label
+from .errors import CdmError, DataError
 from .policy import Policy, hash_key
 from .protect import forget
-from .store import Busy, NotReady, Store, StoreError
+from .store import Store, StoreError
 
 KEY_HEADER = "X-API-Key"
 log = logging.getLogger("cdm.serve")
@@ -298,9 +299,9 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
         steps=(int, Field(25, ge=1, le=cfg.max_steps, description="sampler steps")),
         guidance=(float, Field(1.0, ge=0, le=20, allow_inf_nan=False, description="classifier-free guidance scale")),
         seed=(int, Field(0, ge=0, le=2 ** 31 - 1)),
-        router=(Literal[ROUTERS], Field("ito", description=(
-            "how compartments are weighted. ito and uniform hold no data; classifier is a network trained on "
-            "every compartment of the store, also those outside your policy (a policy may withhold it)"))),
+        router=(Literal[ROUTERS], Field(next(iter(ROUTER_SPECS)), description=(
+            "how compartments are weighted: " + "; ".join(f"{s.name}: {s.summary}" for s in ROUTER_SPECS.values())
+            + ". A policy may withhold a router"))),
         compartments=(list[str] | None, Field(None, max_length=cfg.max_list,
                                               description="a subset of your compartments (default: all of them)")),
         deadline_s=(float | None, Field(None, ge=1, le=cfg.deadline, allow_inf_nan=False,
@@ -411,12 +412,10 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
                   for e in exc.errors()]
         return JSONResponse({"detail": detail}, 422)
 
-    @app.exception_handler(StoreError)
-    async def store_error(request: Request, exc: StoreError):
-        msg = _clean(scrub_paths(str(exc), store_path), 1000)
-        if isinstance(exc, (NotReady, Busy)):
-            return JSONResponse({"detail": msg}, 503, headers={"Retry-After": "5"})
-        return JSONResponse({"detail": msg}, 422)
+    @app.exception_handler(CdmError)
+    async def cdm_error(request: Request, exc: CdmError):  # each kind's status is set in cdm/errors.py
+        retry = {"Retry-After": "5"} if exc.http_status == 503 else None
+        return JSONResponse({"detail": _clean(scrub_paths(str(exc), store_path), 1000)}, exc.http_status, headers=retry)
 
     @app.exception_handler(Deadline)
     async def deadline_error(request: Request, exc: Deadline):
@@ -475,7 +474,7 @@ PAGE = """<!doctype html>
  <button id="connect">Connect</button>
  <label>Label <select id="label"><option value="">(any)</option></select></label>
  <label>Count <input id="n" type="number" min="1" value="4"></label>
- <label>Router <select id="router">""" + "".join(f"<option>{r}</option>" for r in ("ito", *(r for r in ROUTERS if r != "ito"))) + """</select></label>
+ <label>Router <select id="router">""" + "".join(f"<option>{r}</option>" for r in ROUTER_SPECS) + """</select></label>
  <button id="go">Generate</button>
 </fieldset>
 <div id="msg"></div><div id="who"></div><div id="out"></div>

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import Busy, NotFound, NotReady, StoreError  # noqa: F401 (StoreError, NotReady: re-exported)
+
 SCHEMA_VERSION = 1
 PARAGON = "paragon"
 ROUTER = "router"
@@ -57,16 +59,6 @@ CREATE TABLE events(id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, ki
 """
 
 
-class StoreError(RuntimeError):
-    """The store cannot do what was asked; the message names the culprit."""
-
-
-class NotReady(StoreError):
-    """A model that is needed is missing, out of date or corrupted: (re)train, or retry later."""
-
-
-class Busy(StoreError):
-    """Another writer holds the store's lock: retry when its work ends."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +172,7 @@ class Store:
         root = Path(root)
         path = root / "registry.sqlite"
         if not path.exists():
-            raise StoreError(f"{root} is not a cdm store (no registry.sqlite); create one with `cdm init`")
+            raise NotFound(f"{root} is not a cdm store (no registry.sqlite); create one with `cdm init`")
         db = sqlite3.connect(path, isolation_level=None, timeout=30)
         db.execute("PRAGMA foreign_keys = ON")
         try:
@@ -350,7 +342,7 @@ class Store:
         known = self.compartments()
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise StoreError(f"unknown compartment(s): {', '.join(unknown)}; known: {', '.join(known) or 'none'}")
+            raise NotFound(f"unknown compartment(s): {', '.join(unknown)}; known: {', '.join(known) or 'none'}")
         return sorted(set(names))
 
     # --- items -----------------------------------------------------------------------
