@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import torch
+from common import console, emit
 
-import torch  # noqa: E402
-from common import console, emit  # noqa: E402
-
-from cdm import api  # noqa: E402
-from cdm.store import Store  # noqa: E402
+from cdm import api
+from cdm.store import Store
 
 
 def main() -> None:

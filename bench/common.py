@@ -29,7 +29,7 @@ def digits_store(path: Path, split: str, train: TrainConfig, router: RouterConfi
 
 def train(store: Store, **kw) -> list:
     """api.train with a rich progress bar; resumes whatever a previous run left."""
-    from cdm.cli import training_progress
+    from cdm.progress import training_progress
 
     prog, cb = training_progress(console)
     with prog:

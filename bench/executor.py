@@ -18,18 +18,15 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import torch
+from common import console, digits_store, emit
 
-import torch  # noqa: E402
-from common import console, digits_store, emit  # noqa: E402
-
-from cdm import api  # noqa: E402
-from cdm.executor import LocalExecutor, RayExecutor  # noqa: E402
-from cdm.train import RouterConfig, TrainConfig  # noqa: E402
+from cdm import api
+from cdm.executor import LocalExecutor, RayExecutor
+from cdm.train import RouterConfig, TrainConfig
 
 
 def main() -> None:

@@ -14,20 +14,17 @@ import json
 import random
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+from common import console, digits_store, train
 
-from common import console, digits_store, train  # noqa: E402
-
-from cdm import api  # noqa: E402
-from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items  # noqa: E402
-from cdm.protect import forget  # noqa: E402
-from cdm.store import PARAGON, Store  # noqa: E402
-from cdm.train import RouterConfig, TrainConfig  # noqa: E402
+from cdm import api
+from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
+from cdm.protect import forget
+from cdm.store import PARAGON, Store
+from cdm.train import RouterConfig, TrainConfig
 
 
 def timed_job(store: Store, name: str) -> float:

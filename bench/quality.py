@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import torch
+from common import console, digits_store, emit, train
 
-import torch  # noqa: E402
-from common import console, digits_store, emit, train  # noqa: E402
-
-from cdm.compose import ROUTER_SPECS  # noqa: E402
-from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items  # noqa: E402
-from cdm.store import PARAGON  # noqa: E402
-from cdm.train import RouterConfig, TrainConfig  # noqa: E402
+from cdm.compose import ROUTER_SPECS
+from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
+from cdm.store import PARAGON
+from cdm.train import RouterConfig, TrainConfig
 
 ROUTERS = list(ROUTER_SPECS)  # ito, classifier, uniform
 

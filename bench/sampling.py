@@ -19,19 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import numpy as np
+from common import console, digits_store, train
 
-import numpy as np  # noqa: E402
-from common import console, digits_store, train  # noqa: E402
-
-from cdm import api  # noqa: E402
-from cdm.compose import ROUTER_SPECS  # noqa: E402
-from cdm.evaluate import ExtractorConfig, Features, frechet_distance, reference_items  # noqa: E402
-from cdm.train import RouterConfig, TrainConfig  # noqa: E402
+from cdm import api
+from cdm.compose import ROUTER_SPECS
+from cdm.evaluate import ExtractorConfig, Features, frechet_distance, reference_items
+from cdm.train import RouterConfig, TrainConfig
 
 ROUTERS = list(ROUTER_SPECS)  # ito, classifier, uniform
 

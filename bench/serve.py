@@ -27,13 +27,11 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).parent))
+from common import console, digits_store, train
 
-from common import console, digits_store, train  # noqa: E402
-
-from cdm.policy import new_key  # noqa: E402
-from cdm.store import Store  # noqa: E402
-from cdm.train import RouterConfig, TrainConfig  # noqa: E402
+from cdm.policy import new_key
+from cdm.store import Store
+from cdm.train import RouterConfig, TrainConfig
 
 
 def free_port() -> int:

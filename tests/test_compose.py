@@ -1,7 +1,7 @@
 """Routers and the mixture sampler on a case with a known answer.
 
 Each compartment's data is an isotropic Gaussian N(m_i, s^2 I), so its exact noise
-predictor and the exact posterior p(i | x_t) have closed forms (mixture-weights.md Sec. 3).
+predictor and the exact posterior p(i | x_t) have closed forms (docs/routers.md Sec. 3).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _sample_recorded(rec, mix, sched, noise, steps, g):
 @pytest.mark.parametrize("steps,tol", [(1000, 0.01), (50, 0.02)])
 def test_ito_router_tracks_the_exact_posterior(steps, tol):
     res, nearest, mae = run(ItoRouter(), steps)
-    assert mae < tol  # mixture-weights.md measured 0.0022 (1000 steps) and 0.0033 (50 steps)
+    assert mae < tol  # a reference run measured 0.0022 (1000 steps) and 0.0033 (50 steps)
     frac = torch.bincount(nearest, minlength=3).double() / len(nearest)
     assert torch.allclose(frac, PI, atol=0.04)  # samples follow the union: fractions = priors
     assert (res.final.argmax(1) == nearest).double().mean() > 0.98  # weights pick the right compartment

@@ -1,4 +1,4 @@
-"""Crash safety (architecture.md, invariant 5): a real `cdm` process is killed with SIGKILL
+"""Crash safety (docs/architecture.md, invariant 5): a real `cdm` process is killed with SIGKILL
 during ingest, train and forget; the store must open, hold the old state or the new one
 (never a mix, never a file that a forget should have removed), and resume to exactly the
 result of an uninterrupted run.

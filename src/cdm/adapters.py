@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .train import ADAPTER_WEIGHTS  # noqa: F401 (re-exported)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name for an adapter's weights
 
 # resnet convolutions and time projections, attention projections, the label embedding
 TARGETS = r".*(conv1|conv2|time_emb_proj|to_q|to_k|to_v|to_out\.0|class_embedding)$"

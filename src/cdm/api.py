@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
 
 from .adapters import ADAPTER_WEIGHTS, AdapterBank, AdapterConfig, merged
 from .compose import (ROUTERS, ClassifierRouter, ItoRouter, Mixture, SampleResult, UniformRouter, make_scheduler,
@@ -27,6 +28,7 @@ from .executor import Executor, LocalExecutor, Task
 from .data import DataError, load_builtin, load_folder, to_uint8_images  # noqa: F401 (re-exported)
 from .ingest import IngestResult, ingest  # noqa: F401 (re-exported)
 from .models import RouterNet, default_preset, unet_config
+from .policy import store_policy
 from .store import BASE, PARAGON, ROUTER, NotReady, Store, StoreConfig, StoreError, file_digest
 from .train import WEIGHTS, Progress, RouterConfig, TrainConfig, TrainJob, TrainResult, weights_file
 
@@ -359,8 +361,6 @@ def _checked(store: Store, name: str):
 
 
 def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(folder / ADAPTER_WEIGHTS))
 
 
@@ -405,7 +405,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
     base; fastest on CPU), "loop" (one base, adapters applied per call; least memory) or
     "joint" (one base, every adapter's rows in one batched call).
 
-    Only models of composed compartments are opened (architecture.md, invariant 4).
+    Only models of composed compartments are opened (docs/architecture.md, invariant 4).
     """
     if n <= 0:
         raise StoreError(f"n must be positive, got {n}")
@@ -508,8 +508,6 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
 
 
 def _scheduler_config(store: Store, name: str) -> dict:
-    from diffusers import DDPMScheduler
-
     return dict(DDPMScheduler.load_config(store.model_dir(name)))
 
 
@@ -558,8 +556,6 @@ def status(store: Store) -> dict:
         for k, v in c.items():
             key = "-" if k is None else names[k]
             hist_all[key] = hist_all.get(key, 0) + v
-    from .policy import store_policy
-
     pol, users = store_policy(store), {}
     missing = pol.missing(store) if pol else {}
     for u in sorted(pol.users) if pol else []:

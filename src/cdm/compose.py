@@ -6,7 +6,7 @@ unconditional rows). A `Mixture` of denoisers is itself a denoiser:
 
     eps(x_t, t) = sum_i w_i(x_t, t) eps_i(x_t, t),   w_i = p(compartment i | x_t)
 
-(Golatkar et al. 2023, Eq. 3; derivation in shared/design/mixture-weights.md Sec. 1).
+(Golatkar et al. 2023, Eq. 3; derivation in docs/routers.md Sec. 1).
 Routers compute w per row; a stateful router (`ito`) is told each step's outcome through
 `Mixture.observe`. Schedulers come from diffusers; the loop is a small flat function.
 """
@@ -113,7 +113,7 @@ class ClassifierRouter:
 class ItoRouter:
     """Training-free router: track log q_i(x_t) along the trajectory (SuperDiff OR, Skreta et al. 2024).
 
-    Kernel-form update (B) of mixture-weights.md Sec. 2.2, for the stochastic DDPM sampler:
+    Kernel-form update of docs/routers.md Sec. 2, for the stochastic DDPM sampler:
         dl_i = -||x_{t-1} - mu_i(x_t)||^2 / (2 beta_t),  mu_i = (x_t - beta_t eps_i / sqrt(1 - abar_t)) / sqrt(alpha_t)
     with l_i(T) = log pi_i and w = softmax(l). Nothing in it was ever fit to data.
     """
@@ -307,7 +307,7 @@ def sample(denoiser: Denoiser | Mixture, scheduler, noise: torch.Tensor, labels:
 
     With a label, the denoiser sees the conditional rows and (if guidance != 1) the
     unconditional rows stacked, and eps = eps_u + g (eps_c - eps_u) (Ho & Salimans 2022).
-    A `Mixture` keeps separate router state for both row sets, as mixture-weights.md
+    A `Mixture` keeps separate router state for both row sets, as docs/routers.md
     Sec. 4 prescribes: CFG on the union-equivalent model.
     """
     mixture = denoiser if isinstance(denoiser, Mixture) else None

@@ -3,7 +3,7 @@
 An *item* is one image (uint8, H x W x C) with an optional label. Its id is the
 SHA-256 of its canonical pixel bytes (shape header + raw bytes). Assignment of an item
 to a compartment and a slice is a pure function of its hash, the split rule and the
-store seed (architecture.md, invariant 2): never of the other items or of order.
+store seed (docs/architecture.md, invariant 2): never of the other items or of order.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from rich.console import Console
 from . import api
 from .compose import ROUTER_SPECS
 from .evaluate import EvalConfig, EvalReport, ExtractorConfig, evaluate_store
+from .progress import training_progress
 from .report import grid, plot_weights, to_pil
 from .store import Store
 from .train import RouterConfig, TrainConfig
@@ -62,8 +63,6 @@ def run_demo(out: Path, cfg: DemoConfig, device: str = "cpu", console: Console |
         r = api.ingest(store, "digits", api.load_builtin("digits"), cfg.split)
         timings["ingest"] = time.perf_counter() - t
         console.print(f"ingested {r.added} digits ({r.duplicates} already present) into {len(r.compartments)} compartments")
-
-        from .cli import training_progress
 
         t = time.perf_counter()
         prog, cb = training_progress(console)

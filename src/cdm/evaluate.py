@@ -28,7 +28,8 @@ import scipy.linalg
 import torch
 
 from . import api
-from .data import Item, to_tensor_array
+from .data import BUILTINS, Item, load_builtin, load_folder, to_tensor_array
+from .ingest import resize_items
 from .models import FeatureNet
 from .store import PARAGON, Store, StoreError, private_files
 
@@ -257,9 +258,6 @@ class Evaluator:
 
 def reference_items(store: Store, real: str | Path = "digits") -> list[Item]:
     """Held-out real images: a builtin's test split (converted to the store's format) or a folder."""
-    from .data import BUILTINS, load_builtin, load_folder
-    from .ingest import resize_items
-
     cfg = store.config
     if str(real) in BUILTINS:
         items = load_builtin(str(real), "test")

@@ -4,7 +4,7 @@ Forgetting an item deletes its file and registry row, deletes the live model of 
 compartment and every slice checkpoint from the item's slice onwards, then retrains: the
 compartment resumes from the checkpoint before the item's slice (SISA, Bourtoule et al.
 2021), so the result is bit-identical to training from scratch without the item
-(architecture.md, invariants 3 and 7). The classifier router and the paragon were
+(docs/architecture.md, invariants 3 and 7). The classifier router and the paragon were
 trained on the item too: they are deleted and retrained. The `ito` router holds no data.
 In a store of adapter compartments, a private item lives only in its adapter; an item of a
 public source was also in the base model, so the base and every adapter are retrained.

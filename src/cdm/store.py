@@ -9,7 +9,7 @@ Layout::
     STORE/work/<name>/             resumable state of an interrupted training job
 
 Every registry write is one transaction; every file is written to a temporary name and
-renamed, so a crash leaves the old state or the new one (architecture.md, invariant 5).
+renamed, so a crash leaves the old state or the new one (docs/architecture.md, invariant 5).
 Writers hold an exclusive lock (STORE/.lock) for the length of their work. Files that an
 operation may leave behind if it is killed (item files of an uncommitted ingest, the data
 of a committed forget) are named in a *cleanup intent* in the registry before they can
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .data import item_hash
 from .errors import Busy, NotFound, NotReady, StoreError  # noqa: F401 (StoreError, NotReady: re-exported)
 
 SCHEMA_VERSION = 1
@@ -303,7 +306,7 @@ class Store:
     @contextlib.contextmanager
     def snapshot(self):
         """A consistent read of the registry: a writer's commit waits until the block ends, and
-        files a commit makes obsolete are only deleted after it (architecture.md, invariant 5)."""
+        files a commit makes obsolete are only deleted after it (docs/architecture.md, invariant 5)."""
         if self.db.in_transaction:
             yield
             return
@@ -355,8 +358,6 @@ class Store:
         if path.exists():
             return
         img = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
-        import io
-
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         write_atomic(path, buf.getvalue())
@@ -369,8 +370,6 @@ class Store:
         except (OSError, ValueError) as e:
             raise StoreError(f"item file {path} is unreadable ({e})") from None
         a = a.reshape(a.shape[0], a.shape[1], -1)
-        from .data import item_hash
-
         if item_hash(a) != ihash:
             raise StoreError(f"item file {path} does not match its hash {ihash}: the store is damaged")
         return a
@@ -483,8 +482,6 @@ def _actor() -> str:
     try:
         return os.getlogin()
     except OSError:
-        import getpass
-
         try:
             return getpass.getuser()
         except Exception:

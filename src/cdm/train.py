@@ -22,15 +22,17 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
 
+from .adapters import ADAPTER_WEIGHTS, adapter_state, attach, lora_config
 from .data import to_tensor_array
 from .models import build_router, build_unet
+from .store import file_digest
 
 Progress = Callable[[str, int, int, float], None]  # (job name, step done, total steps, loss)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RESUME = "resume.pt"  # mid-stage state of an interrupted run, in the job's work folder
 
 
@@ -70,7 +72,7 @@ class RouterConfig:
 
 @dataclass
 class TrainJob:
-    """Everything one model depends on, and nothing else (architecture.md, invariant 1)."""
+    """Everything one model depends on, and nothing else (docs/architecture.md, invariant 1)."""
 
     name: str
     kind: str  # "compartment" | "paragon" | "router" | "base"
@@ -144,7 +146,7 @@ def stale_checkpoints(job: TrainJob, ckpt_dir: Path) -> list[Path]:
     """Slice checkpoints that the job's current items no longer produce.
 
     After forgetting an item of slice k, the checkpoints of stages >= k held its influence
-    (architecture.md, invariant 7)."""
+    (docs/architecture.md, invariant 7)."""
     valid = {stage_checkpoint(ckpt_dir, k, job.stage_spec(k)).name for k in range(job.stages)}
     return [p for p in sorted(ckpt_dir.iterdir()) if p.name not in valid] if ckpt_dir.is_dir() else []
 
@@ -163,11 +165,6 @@ def weights_file(job: TrainJob) -> str:
 
 def _adapter_model(job: TrainJob):
     """The job's base model (checked against the digest in its spec) with a fresh adapter."""
-    from diffusers import UNet2DModel
-
-    from .adapters import attach
-    from .store import file_digest
-
     want = job.extra["adapter"]["base"]
     if not job.base_dir or want is None:
         raise ValueError(f"adapter compartment {job.name!r} needs the base model; train or import it first")
@@ -291,10 +288,6 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
     if ema is not None:
         ema.copy_to(params)
     if adapter:
-        from safetensors.torch import save_file
-
-        from .adapters import adapter_state, lora_config
-
         save_file(adapter_state(model.to("cpu")), str(out_dir / ADAPTER_WEIGHTS))
         lora_config(adapter).save_pretrained(str(out_dir))  # peft's adapter_config.json
     else:
