@@ -161,7 +161,7 @@ def build_job(store: Store, name: str, load_pixels: bool = True) -> TrainJob:
             base = store.model(BASE)
             job.model_config = {}  # the base (pinned by its digest) is the architecture
             job.extra = dict(adapter=dict(**adapters.recipe(), base=base.digest if base else None))
-            job.base_dir = str(store.root / base.path) if base else None
+            job.base_dir = str(store.folder(base)) if base else None
     if load_pixels and job.hashes:
         job.pixels = np.stack([store.read_item(h) for h in job.hashes])
     return job
@@ -259,8 +259,8 @@ def run_jobs(store: Store, names: list[str], executor: Executor | None = None, p
 
 def _run_wave(store: Store, names: list[str], executor: Executor, progress: Progress | None,
               failed: dict[str, str], actor: str | None = None) -> list[TrainResult]:
-    tasks = [Task(build_job(store, n), store.new_model_dir(n), store.root / "checkpoints" / n,
-                  store.root / "work" / n) for n in names]
+    tasks = [Task(build_job(store, n), store.new_model_dir(n), store.checkpoint_dir(n), store.work_dir(n))
+             for n in names]
     results = []
     try:
         for o in executor.run(tasks, progress):
@@ -276,7 +276,7 @@ def _run_wave(store: Store, names: list[str], executor: Executor, progress: Prog
             row = store.install_model(job.name, job.kind, job.spec, o.task.out_dir, weights_file(job), info,
                                       event=dict(items=res.items, steps_run=res.steps,
                                                  resumed_from=res.resumed_from, executor=executor.name), actor=actor)
-            res.out_dir = store.root / row.path
+            res.out_dir = store.folder(row)
             results.append(res)
     finally:
         for t in tasks:  # folders of failed or unfinished jobs
@@ -349,7 +349,7 @@ def _checked(store: Store, name: str):
     if row is None:
         what = "the base model" if name == BASE else f"compartment {name!r}"
         raise NotReady(f"{what} is not trained; run `cdm train`")
-    folder = store.root / row.path
+    folder = store.folder(row)
     try:
         ok = file_digest(folder / row.info.get("weights", WEIGHTS)) == row.digest
     except OSError:
@@ -525,7 +525,7 @@ def _classifier(store: Store, names: list[str], device: str) -> ClassifierRouter
         raise NotReady(f"the classifier router is {'not trained' if state == 'missing' else 'stale (the data changed)'}"
                          f"; run `cdm train`, or use --router ito")
     row = store.model(ROUTER)
-    folder = store.root / row.path
+    folder = store.folder(row)
     if file_digest(folder / WEIGHTS) != row.digest:
         raise NotReady(f"classifier router files ({row.path} in the store) are corrupted; retrain with `cdm train`")
     net = RouterNet.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()

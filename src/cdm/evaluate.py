@@ -105,7 +105,7 @@ def extractor_spec(store: Store, cfg: ExtractorConfig) -> str:
 def feature_extractor(store: Store, cfg: ExtractorConfig = ExtractorConfig(), device: str = "cpu") -> FeatureNet:
     """Load the cached extractor for the store's current labelled items, or train and cache it."""
     spec = extractor_spec(store, cfg)
-    folder = store.root / "eval" / "extractor" / spec[:16]
+    folder = store.eval_dir() / "extractor" / spec[:16]
     if not folder.exists():
         rows = [r for r in store.items() if r.label is not None]
         if len(store.labels()) < 2 or len(rows) < 10:

@@ -98,18 +98,15 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
     # files first, named in a cleanup intent that the commit below voids: a killed ingest
     # leaves the old state, and whoever next takes the writer lock deletes the orphans
     with store.tx() as db:
-        intent = store.add_cleanup(db, [str(store.item_path(h).relative_to(store.root)) for h in new])
+        intent = store.add_cleanup(db, [store.relative(store.item_path(h)) for h in new])
     for h, it in new.items():
         store.write_item_file(h, it.pixels)
     crashpoint("ingest:files-written")
     t = now()
     with store.tx() as db:
-        db.execute("DELETE FROM meta WHERE key=?", (intent,))
-        if existing_rule is None:
-            db.execute("INSERT INTO sources VALUES (?, ?, ?)", (source, str(rule), t))
-        db.executemany("INSERT OR IGNORE INTO compartments VALUES (?, ?, ?)", [(c, source, t) for c in comps])
-        db.executemany("INSERT INTO labels VALUES (?, ?)", [(labels[n], n) for n in new_labels])
-        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", [r + (t,) for r in rows])
+        store.drop_cleanup(db, intent)
+        store.record_ingest(db, source, str(rule) if existing_rule is None else None, comps,
+                            {n: labels[n] for n in new_labels}, rows, t)
         store.log(db, "ingest", {"source": source, "split": str(rule), "added": len(rows),
                                  "duplicates": duplicates, "items": [r[0] for r in rows]}, actor)
     counts = store.counts()

@@ -48,19 +48,18 @@ def forget(store: Store, items: list[str] | None = None, source: str | None = No
 def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touched: list[str]) -> list[str]:
     """Every file that may hold the forgotten items' influence, relative to the store root.
     Call inside the forget transaction: checkpoints are judged against the registry without the items."""
-    root = store.root
     paths = [store.item_path(r.hash) for r in gone]
     for n in invalid:
-        base = root / "models" / n
-        paths += list(base.iterdir()) if base.is_dir() else []
-    paths += [root / sub / c for c in dropped for sub in ("models", "checkpoints", "work")]
+        paths += store.model_versions(n)
+    for c in dropped:
+        paths += [store.models_dir(c), store.checkpoint_dir(c), store.work_dir(c)]
     for n in dict.fromkeys([*touched, PARAGON, *(n for n in invalid if n not in dropped)]):
-        ckpt = root / "checkpoints" / n
+        ckpt = store.checkpoint_dir(n)
         if ckpt.exists() and n != ROUTER:
             paths += stale_checkpoints(api.build_job(store, n, load_pixels=False), ckpt)
-    paths += [root / "work" / n for n in dict.fromkeys([*touched, *invalid, PARAGON, ROUTER])]  # interrupted runs
-    paths.append(root / "eval")  # the evaluation feature extractor was trained on the items
-    return [str(p.relative_to(root)) for p in paths]
+    paths += [store.work_dir(n) for n in dict.fromkeys([*touched, *invalid, PARAGON, ROUTER])]  # interrupted runs
+    paths.append(store.eval_dir())  # the evaluation feature extractor was trained on the items
+    return [store.relative(p) for p in paths]
 
 
 def _forget(store: Store, items, source, compartment, retrain, device, progress, actor, executor) -> ForgetResult:
@@ -94,11 +93,7 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
     before = {n: existing[n].digest for n in invalid}
 
     with store.tx() as db:
-        db.executemany("DELETE FROM items WHERE hash=?", [(r.hash,) for r in gone])
-        db.executemany("DELETE FROM models WHERE name=?", [(n,) for n in invalid])
-        db.executemany("DELETE FROM compartments WHERE name=?", [(c,) for c in dropped])
-        if source is not None:
-            db.execute("DELETE FROM sources WHERE name=?", (source,))
+        store.delete_records(db, [r.hash for r in gone], invalid, dropped, source)
         intent = store.add_cleanup(db, _held_data(store, gone, invalid, dropped, touched))
         store.log(db, "forget", dict(
             items=[dict(hash=r.hash, source=r.source, compartment=r.compartment, slice=r.slice) for r in gone],

@@ -381,6 +381,29 @@ class Store:
                 else self.db.execute(q + " ORDER BY hash"))
         return [ItemRow(*r) for r in rows]
 
+    def record_ingest(self, db: sqlite3.Connection, source: str, rule: str | None, compartments: list[str],
+                      new_labels: dict[str, int], rows: list[tuple], time_: str) -> None:
+        """Inside an ingest transaction: the source (`rule` None if it exists), its compartments,
+        new labels and the item rows (hash, source, compartment, slice, label id)."""
+        if rule is not None:
+            db.execute("INSERT INTO sources VALUES (?, ?, ?)", (source, rule, time_))
+        db.executemany("INSERT OR IGNORE INTO compartments VALUES (?, ?, ?)", [(c, source, time_) for c in compartments])
+        db.executemany("INSERT INTO labels VALUES (?, ?)", [(i, n) for n, i in new_labels.items()])
+        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", [r + (time_,) for r in rows])
+
+    def delete_records(self, db: sqlite3.Connection, items: list[str], models: list[str], compartments: list[str],
+                       source: str | None) -> None:
+        """Inside a forget transaction: item rows, model rows, compartments and a source."""
+        db.executemany("DELETE FROM items WHERE hash=?", [(h,) for h in items])
+        db.executemany("DELETE FROM models WHERE name=?", [(n,) for n in models])
+        db.executemany("DELETE FROM compartments WHERE name=?", [(c,) for c in compartments])
+        if source is not None:
+            db.execute("DELETE FROM sources WHERE name=?", (source,))
+
+    def drop_cleanup(self, db: sqlite3.Connection, key: str) -> None:
+        """Void a cleanup intent inside the transaction that made its files live."""
+        db.execute("DELETE FROM meta WHERE key=?", (key,))
+
     def item_rows(self, hashes: list[str]) -> dict[str, ItemRow]:
         """The registered items among `hashes`, by hash."""
         rows = {}
@@ -423,7 +446,35 @@ class Store:
         row = self.model(name)
         if row is None:
             raise StoreError(f"{name!r} has no trained model; run `cdm train`")
+        return self.folder(row)
+
+    def folder(self, row: ModelRow) -> Path:
+        """The live folder of a model row."""
         return self.root / row.path
+
+    def models_dir(self, name: str) -> Path:
+        """Every version of one model lives below this folder."""
+        return self.root / "models" / name
+
+    def model_versions(self, name: str) -> list[Path]:
+        """Every folder of `name` on disk (the live one, and any the registry no longer points to)."""
+        base = self.models_dir(name)
+        return sorted(base.iterdir()) if base.is_dir() else []
+
+    def checkpoint_dir(self, name: str) -> Path:
+        """SISA slice checkpoints of one model."""
+        return self.root / "checkpoints" / name
+
+    def work_dir(self, name: str) -> Path:
+        """Resumable state of one model's interrupted training job."""
+        return self.root / "work" / name
+
+    def eval_dir(self) -> Path:
+        """The evaluation cache (a feature extractor trained on the store's items)."""
+        return self.root / "eval"
+
+    def relative(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.root))
 
     def new_model_dir(self, name: str) -> Path:
         """A fresh temporary folder to write a model into; `install_model` makes it live."""
