@@ -195,7 +195,7 @@ def plan(store: Store, compartments: list[str] | None = None, paragon: bool = Fa
         if adapters.base_from:
             if model_state(store, BASE) != "ready":
                 raise NotReady("the imported base model is missing or corrupted; import it again with "
-                                 "`cdm adapters --base-from DIR`")
+                               "`cdm adapters --base-from DIR`")
         elif model_state(store, BASE) != "ready":
             if not any(r.source in adapters.public for r in store.items()):
                 raise StoreError(f"the base model trains on source(s) {', '.join(adapters.public)}, "
@@ -445,7 +445,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
                 state = model_state(store, c)
                 if state != "ready":
                     raise NotReady(f"compartment {c!r} is {'not trained' if state == 'missing' else 'out of date'}; "
-                                     f"run `cdm train`")
+                                   f"run `cdm train`")
         hist = store.label_counts()
         for lab in sorted(set(per_sample) - {None}):
             if not any(hist.get(c, {}).get(labels[lab], 0) for c in (names if not paragon else hist)):
@@ -458,7 +458,7 @@ def sample(store: Store, n: int, label: str | list[str] | None = None, allow: li
             state = model_state(store, BASE)
             if state != "ready":
                 raise NotReady(f"the base model of the adapter compartments is "
-                                 f"{'not trained' if state == 'missing' else 'out of date'}; run `cdm train`")
+                               f"{'not trained' if state == 'missing' else 'out of date'}; run `cdm train`")
         if adapters and adapter_mode != "merged":
             bank = load_bank(store, names, device)
             dens = [bank.denoiser(c) for c in names]
@@ -523,7 +523,7 @@ def _classifier(store: Store, names: list[str], device: str) -> ClassifierRouter
     state = model_state(store, ROUTER)
     if state != "ready":
         raise NotReady(f"the classifier router is {'not trained' if state == 'missing' else 'stale (the data changed)'}"
-                         f"; run `cdm train`, or use --router ito")
+                       f"; run `cdm train`, or use --router ito")
     row = store.model(ROUTER)
     folder = store.folder(row)
     if file_digest(folder / WEIGHTS) != row.digest:

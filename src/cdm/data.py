@@ -28,8 +28,6 @@ LABEL_MAX = 64  # characters; the HTTP schema takes the same limit, so every lab
 LABEL_PUNCT = " _-.,+()"
 
 
-
-
 @dataclass(frozen=True)
 class Item:
     """One training example: canonical uint8 pixels (H, W, C) and an optional label name."""

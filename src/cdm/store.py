@@ -62,8 +62,6 @@ CREATE TABLE events(id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, ki
 """
 
 
-
-
 @dataclass(frozen=True)
 class StoreConfig:
     """Fixed at `cdm init`: what every model in the store is built for."""
@@ -217,7 +215,7 @@ class Store:
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                     os.close(fd)
                     raise Busy(f"{self.root} is busy: {holder} holds its writer lock; "
-                                     "try again when that work ends") from None
+                               "try again when that work ends") from None
                 time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{what} (pid {os.getpid()}, since {now()})".encode(), 0)
@@ -414,12 +412,7 @@ class Store:
         return rows
 
     def has_items(self, hashes: list[str]) -> set[str]:
-        found: set[str] = set()
-        for i in range(0, len(hashes), 500):
-            chunk = hashes[i:i + 500]
-            q = f"SELECT hash FROM items WHERE hash IN ({','.join('?' * len(chunk))})"
-            found.update(r[0] for r in self.db.execute(q, chunk))
-        return found
+        return set(self.item_rows(hashes))
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT compartment, COUNT(*) FROM items GROUP BY compartment"))
@@ -478,7 +471,7 @@ class Store:
 
     def new_model_dir(self, name: str) -> Path:
         """A fresh temporary folder to write a model into; `install_model` makes it live."""
-        d = self.root / "models" / name / f".tmp-{uuid.uuid4().hex}"
+        d = self.models_dir(name) / f".tmp-{uuid.uuid4().hex}"
         d.mkdir(parents=True)
         return d
 
@@ -508,7 +501,7 @@ class Store:
 
     def gc_model_dirs(self, name: str) -> None:
         """Remove folders of `name` that the registry does not point to (old versions, crashed writes)."""
-        base = self.root / "models" / name
+        base = self.models_dir(name)
         row = self.model(name)
         keep = (self.root / row.path).name if row else None
         if base.is_dir():
