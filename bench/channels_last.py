@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdm import api
+from cdm import api, loading
 from cdm.store import Store
 
 
@@ -28,14 +28,14 @@ def main() -> None:
     labels = [str(i % 10) for i in range(250)]
 
     def run(**kw):
-        return api.sample(s, 250, labels, None, "ito", 25, 1.0, seed=1, batch_size=250, **kw)
+        return api.sample(s, 250, labels, None, "ito", steps=25, guidance=1.0, seed=1, batch_size=250, **kw)
 
     cfgs = {"paragon": {"paragon": True}, "commit0": {"commit": 0.0}, "subset2": {"subset": 2}, "dense": {}}
     for kw in cfgs.values():
         run(**kw)  # loads every model once (kept in memory, channels-last)
 
     def set_format(fmt):
-        for m in list(api._UNETS.values()):
+        for m in list(loading._UNETS.values()):
             if isinstance(m, torch.nn.Module):
                 m.to(memory_format=fmt)
 

@@ -22,7 +22,7 @@ from common import console, digits_store, train
 
 from cdm import api
 from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
-from cdm.protect import forget
+from cdm.forget import forget
 from cdm.store import PARAGON, Store
 from cdm.train import RouterConfig, TrainConfig
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from common import console, digits_store, emit, train
 
-from cdm.compose import ROUTER_SPECS
+from cdm.routers import ROUTER_SPECS
 from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
 from cdm.store import PARAGON
 from cdm.train import RouterConfig, TrainConfig

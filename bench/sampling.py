@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from common import console, digits_store, train
 
-from cdm import api
-from cdm.compose import ROUTER_SPECS
 from cdm.evaluate import ExtractorConfig, Features, frechet_distance, reference_items
+from cdm.pipeline import CDMPipeline, SamplingSettings
+from cdm.routers import ROUTER_SPECS
 from cdm.train import RouterConfig, TrainConfig
 
 ROUTERS = list(ROUTER_SPECS)  # ito, classifier, uniform
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="default 5; quick 2")
     ap.add_argument("--routers", default=",".join(ROUTERS))
     ap.add_argument("--sparse", default="", help="comma-separated settings to time beside dense, "
-                                                 "e.g. prune=5,commit=0.5 (see cdm.compose.Mixture)")
+                                                 "e.g. prune=5,commit=0.5 (see cdm.mixture.Mixture)")
     ap.add_argument("--fid", type=int, default=0, help="also measure FID with this many samples per configuration")
     ap.add_argument("--boot", type=int, default=200, help="bootstrap resamples for the FID change")
     ap.add_argument("--device", default="cpu")
@@ -70,8 +70,8 @@ def main() -> None:
     for rep in range(repeats + 1):  # the first round warms up and is not counted
         for name, k, router, m in configs:
             t = time.perf_counter()
-            g = api.sample(stores[k], n, labels, None, router or "ito", steps, args.guidance, seed=rep,
-                           device=args.device, paragon=router is None, batch_size=n, **m)
+            pipe = CDMPipeline.from_store(stores[k], router=router or "ito", paragon=router is None, device=args.device)
+            g = pipe(n, labels, SamplingSettings(steps, args.guidance, seed=rep, batch_size=n, **m))
             if rep:
                 times.setdefault(name, []).append(time.perf_counter() - t)
             evals[name] = g.evaluations / (n * steps)
@@ -86,8 +86,8 @@ def main() -> None:
         gen_feats = {}
         for name, k, router, m in configs:
             console.print(f"FID of {name}")
-            g = api.sample(stores[k], args.fid, fid_labels, None, router or "ito", steps, args.guidance, seed=1,
-                           device=args.device, paragon=router is None, batch_size=500, **m)
+            pipe = CDMPipeline.from_store(stores[k], router=router or "ito", paragon=router is None, device=args.device)
+            g = pipe(args.fid, fid_labels, SamplingSettings(steps, args.guidance, seed=1, batch_size=500, **m))
             gen_feats[name] = feats(g.images)[0]
             fid[name] = frechet_distance(gen_feats[name], real)
         rng = np.random.default_rng(0)  # resample the samples (paired) and the held-out images
@@ -118,13 +118,13 @@ def main() -> None:
 
 
 def parse_setting(text: str) -> dict:
-    """'subset=2+commit=0.5' -> {'subset': 2, 'commit': 0.5} (keyword arguments of api.sample)."""
+    """'subset=2+commit=0.5' -> {'subset': 2, 'commit': 0.5} (fields of SamplingSettings)."""
     out = {}
     for kv in text.split("+"):
         key, _, value = kv.strip().partition("=")
         if key not in ("prune", "commit", "subset") or not value:
             raise SystemExit(f"bad --sparse setting {kv!r}: use prune=M, commit=F or subset=N, joined by +")
-        out[key] = int(value) if key == "subset" else float(value)  # api.sample checks the ranges
+        out[key] = int(value) if key == "subset" else float(value)  # SamplingSettings.check checks the ranges
     return out
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from cdm import api
-from cdm.compose import ItoRouter, Mixture
+from cdm.forget import forget
+from cdm.mixture import Mixture
 from cdm.models import build_unet, unet_config
-from cdm.protect import forget
+from cdm.routers import ItoRouter
 from cdm.store import StoreError
 
 from .conftest import digests, make_store

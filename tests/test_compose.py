@@ -6,12 +6,17 @@ predictor and the exact posterior p(i | x_t) have closed forms (docs/routers.md 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
 
-from cdm.compose import ClassifierRouter, ItoRouter, Mixture, UniformRouter, make_scheduler, sample
+from cdm.denoisers import guided
+from cdm.mixture import Mixture
 from cdm.models import RouterNet
+from cdm.routers import ClassifierRouter, ItoRouter, UniformRouter
+from cdm.sampler import make_scheduler, sample
 from cdm.train import RouterConfig, TrainConfig, TrainJob, train_job
 
 SCHED = TrainConfig().scheduler().config
@@ -36,41 +41,39 @@ def exact_posterior(x, t, abar):
     return torch.softmax(ll + PI.log(), dim=1)
 
 
+@dataclass
+class Result:
+    images: torch.Tensor
+    weights: torch.Tensor  # (steps, B, K)
+    final: torch.Tensor
+
+    @property
+    def attribution(self):
+        return self.weights.mean(0)
+
+
+def compose(mix, sched, noise, steps, g, den=None) -> Result:
+    """Sample with the mixture, or with a denoiser wrapping it; its router learns through the step hook."""
+    x = sample(den or mix, sched, noise, torch.zeros(len(noise), dtype=torch.long), steps, g, hooks=[mix.on_step])
+    return Result(x, torch.stack(mix.trace), mix.final_weights())
+
+
 def run(router, steps, n=1500, seed=0):
     sched = make_scheduler(SCHED, "ddpm")
     errs = []
     dens = [Gaussian(m, sched.alphas_cumprod) for m in MEANS]
     mix = Mixture(dens, router, PI.log().expand(n, 3))
 
-    class Recorder:  # a denoiser wrapping the mixture: compares the weights it used with the exact ones
-        def __call__(self, x, t, labels):
-            out = mix(x, t, labels)
-            errs.append((mix.last_weights - exact_posterior(x, int(t[0]), sched.alphas_cumprod)).abs().mean())
-            return out
+    def recorder(x, t, cond):  # a denoiser wrapping the mixture: compares the weights it used with the exact ones
+        out = mix(x, t, cond)
+        errs.append((mix.last_weights - exact_posterior(x, int(t[0]), sched.alphas_cumprod)).abs().mean())
+        return out
 
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 1, 4, 4, generator=g)
-    res = _sample_recorded(Recorder(), mix, sched, noise, steps, g)
+    res = compose(mix, sched, noise, steps, g, den=recorder)
     d = torch.stack([((res.images - m) ** 2).flatten(1).sum(1) for m in MEANS], 1)
     return res, d.argmin(1), float(torch.stack(errs).mean())
-
-
-def _sample_recorded(rec, mix, sched, noise, steps, g):
-    """The DDPM loop of cdm.compose.sample, with the denoiser wrapped by a recorder."""
-    sched.set_timesteps(steps)
-    ts = [int(t) for t in sched.timesteps]
-    x, trace = noise, []
-    with torch.no_grad():
-        for i, t in enumerate(ts):
-            eps = rec(x, torch.full((x.shape[0],), t), torch.zeros(x.shape[0], dtype=torch.long))
-            trace.append(mix.last_weights)
-            x_prev = sched.step(eps, t, x, generator=g).prev_sample
-            tp = ts[i + 1] if i + 1 < len(ts) else -1
-            mix.observe(x_prev, float(sched.alphas_cumprod[t]), float(sched.alphas_cumprod[tp]) if tp >= 0 else 1.0)
-            x = x_prev
-    from cdm.compose import SampleResult
-
-    return SampleResult(x, torch.stack(trace), mix.final_weights())
 
 
 @pytest.mark.parametrize("steps,tol", [(1000, 0.01), (50, 0.02)])
@@ -92,8 +95,8 @@ def test_uniform_router_is_clearly_wrong_on_the_same_case():
 def test_ito_router_refuses_a_deterministic_sampler():
     sched = make_scheduler(SCHED, "ddim")
     mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in MEANS], ItoRouter(), PI.log().expand(2, 3))
-    with pytest.raises(ValueError, match="needs the stochastic DDPM sampler"):
-        sample(mix, sched, torch.randn(2, 1, 4, 4), None, 0, 1.0, 10, torch.Generator())
+    with pytest.raises(ValueError, match="needs the stochastic ddpm sampler"):
+        compose(mix, sched, torch.randn(2, 1, 4, 4), 10, torch.Generator())
 
 
 def test_mixture_of_one_is_the_denoiser_itself():
@@ -102,9 +105,9 @@ def test_mixture_of_one_is_the_denoiser_itself():
     mix = Mixture([den], ItoRouter(), torch.zeros(4, 1, dtype=torch.float64))
     x, t, y = torch.randn(4, 1, 4, 4), torch.full((4,), 300), torch.zeros(4, dtype=torch.long)
     assert torch.equal(mix(x, t, y), den(x, t, y))
-    a = sample(mix, make_scheduler(SCHED, "ddpm"), x, None, 0, 1.0, 20, torch.Generator().manual_seed(3))
-    b = sample(den, make_scheduler(SCHED, "ddpm"), x, None, 0, 1.0, 20, torch.Generator().manual_seed(3))
-    assert torch.equal(a.images, b.images)
+    a = compose(mix, make_scheduler(SCHED, "ddpm"), x, 20, torch.Generator().manual_seed(3))
+    b = sample(den, make_scheduler(SCHED, "ddpm"), x, y, 20, torch.Generator().manual_seed(3))
+    assert torch.equal(a.images, b)
 
 
 def test_ineligible_compartments_get_zero_weight():
@@ -112,8 +115,7 @@ def test_ineligible_compartments_get_zero_weight():
     prior = torch.tensor([[0.0, -torch.inf, np.log(0.5)]], dtype=torch.float64).expand(8, 3)
     for router in (ItoRouter(), UniformRouter()):
         mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in MEANS], router, prior)
-        res = sample(mix, make_scheduler(SCHED, "ddpm"), torch.randn(8, 1, 4, 4), None, 0, 1.0, 20,
-                     torch.Generator().manual_seed(0))
+        res = compose(mix, make_scheduler(SCHED, "ddpm"), torch.randn(8, 1, 4, 4), 20, torch.Generator().manual_seed(0))
         assert (res.weights[:, :, 1] == 0).all() and (res.final[:, 1] == 0).all()
 
 
@@ -134,8 +136,8 @@ def test_classifier_router_picks_the_right_compartment(tmp_path):
     sched = make_scheduler(SCHED, "ddpm")
     mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in means], ClassifierRouter(net, [0, 1]),
                   torch.zeros(300, 2, dtype=torch.float64))
-    res = sample(mix, sched, torch.randn(300, 1, 4, 4, generator=torch.Generator().manual_seed(1)),
-                 None, 2, 1.0, 50, torch.Generator().manual_seed(1))
+    res = compose(mix, sched, torch.randn(300, 1, 4, 4, generator=torch.Generator().manual_seed(1)), 50,
+                  torch.Generator().manual_seed(1))
     d = torch.stack([((res.images - m) ** 2).flatten(1).sum(1) for m in means], 1)
     assert (res.final.argmax(1) == d.argmin(1)).double().mean() > 0.95
 
@@ -145,8 +147,7 @@ def _mix_sample(router, prune, n=600, steps=50, seed=0, commit=None, subset=None
     mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in MEANS], router, PI.log().expand(n, 3), prune, commit,
                   torch.Generator().manual_seed(5), subset=subset)
     noise = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
-    res = sample(mix, sched, noise, None, 0, 1.0, steps, torch.Generator().manual_seed(seed))
-    return res, mix
+    return compose(mix, sched, noise, steps, torch.Generator().manual_seed(seed)), mix
 
 
 def test_pruning_with_an_infinite_margin_is_bit_identical_to_dense():
@@ -215,3 +216,23 @@ def test_a_subset_of_every_compartment_is_bit_identical_to_dense():
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="subset must be"):
             _mix_sample(ItoRouter(), None, subset=bad)
+
+
+def test_a_mixture_wrapped_in_guidance_still_routes():
+    """Guidance stacks each sample's conditional and null rows; the mixture inside keeps a prior
+    and router state per copy and learns from the sampler's hook like an unwrapped one. With
+    denoisers that ignore the condition both copies agree, so guidance changes nothing at all."""
+    n, sched = 64, make_scheduler(SCHED, "ddpm")
+    dens = [Gaussian(m, sched.alphas_cumprod) for m in MEANS]
+    noise = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(7))
+    for kw in (dict(), dict(prune=3.0), dict(subset=2, commit=0.5)):
+        plain = Mixture(dens, ItoRouter(), PI.log().expand(n, 3), generator=torch.Generator().manual_seed(1), **kw)
+        a = compose(plain, make_scheduler(SCHED, "ddpm"), noise, 30, torch.Generator().manual_seed(2))
+        inner = Mixture(dens, ItoRouter(), PI.log().expand(2 * n, 3), generator=torch.Generator().manual_seed(1),
+                        copies=2, **kw)
+        null = torch.full((n,), 9, dtype=torch.long)
+        b = compose(inner, make_scheduler(SCHED, "ddpm"), noise, 30, torch.Generator().manual_seed(2),
+                    den=guided(inner, 3.0, null))
+        assert torch.equal(a.images, b.images) and torch.equal(a.weights, b.weights)
+        assert torch.equal(a.final, b.final) and inner.evaluations == 2 * plain.evaluations
+        assert (a.final.max(1).values > 0.99).float().mean() > 0.9  # it routed: weights settled on one compartment

@@ -11,7 +11,7 @@ from cdm import api
 from cdm.data import load_builtin
 from cdm.evaluate import (EvalConfig, Evaluator, ExtractorConfig, Features, evaluate_store, frechet_distance,
                           memorization)
-from cdm.protect import forget
+from cdm.forget import forget
 from cdm.store import StoreError
 
 from .conftest import make_store

@@ -14,7 +14,7 @@ import torch
 
 from cdm import api
 from cdm.executor import LocalExecutor, RayExecutor, make_executor
-from cdm.protect import forget
+from cdm.forget import forget
 
 from .conftest import digests, make_store
 

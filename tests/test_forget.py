@@ -9,7 +9,7 @@ import pytest
 
 from cdm import api
 from cdm.data import load_builtin
-from cdm.protect import forget
+from cdm.forget import forget
 from cdm.store import StoreError
 
 from .conftest import digests, make_store

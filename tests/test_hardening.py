@@ -25,8 +25,8 @@ from cdm import api
 from cdm import data as cdm_data
 from cdm.cli import app as cli_app
 from cdm.data import DataError, Item, load_builtin, load_folder
+from cdm.forget import forget
 from cdm.policy import Policy, new_key
-from cdm.protect import forget
 from cdm.serve import Deadline, Scheduler, ServeConfig, create_app
 from cdm.store import Store, StoreError
 
@@ -426,7 +426,9 @@ def test_a_policy_may_forbid_the_classifier_router(served, tmp_path):
 
 
 def test_router_names_and_needs_come_from_one_registry(served):
-    from cdm.compose import ROUTER_SPECS, ROUTERS, ItoRouter, Mixture, make_scheduler, sample
+    from cdm.mixture import Mixture
+    from cdm.routers import ROUTER_SPECS, ROUTERS, ItoRouter
+    from cdm.sampler import make_scheduler, sample
 
     assert set(ROUTERS) == set(ROUTER_SPECS) == {"ito", "classifier", "uniform"}
     assert [n for n, s in ROUTER_SPECS.items() if s.stochastic] == ["ito"]
@@ -436,9 +438,9 @@ def test_router_names_and_needs_come_from_one_registry(served):
     assert sorted(props["router"]["enum"]) == sorted(ROUTER_SPECS) and props["router"]["default"] == "ito"
     assert Policy.parse("[users.a]\n").users["a"].routers == ROUTERS
     mix = Mixture([lambda x, t, y: x], ItoRouter(), torch.zeros(1, 1))  # a stochastic-only router under DDIM
-    with pytest.raises(ValueError, match="needs the stochastic DDPM sampler"):
-        sample(mix, make_scheduler({"num_train_timesteps": 10}, "ddim"), torch.zeros(1, 1, 2, 2), None, 0, 1.0, 2,
-               torch.Generator())
+    with pytest.raises(ValueError, match="needs the stochastic ddpm sampler"):
+        sample(mix, make_scheduler({"num_train_timesteps": 10}, "ddim"), torch.zeros(1, 1, 2, 2), torch.zeros(1), 2,
+               torch.Generator(), hooks=[mix.on_step])
 
 
 def test_error_kinds_map_to_http_statuses(served, tmp_path):

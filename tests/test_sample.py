@@ -9,6 +9,10 @@ import pytest
 
 from cdm import api
 from cdm.data import load_builtin
+from cdm.errors import Forbidden
+from cdm.pipeline import CDMPipeline, PipelineCache, SamplingSettings
+from cdm.plan import plan, saw
+from cdm.policy import Policy
 from cdm.store import StoreError
 
 from .conftest import make_store
@@ -123,3 +127,56 @@ def test_sparse_settings_through_the_api(trained):
                        (dict(commit=2.0), "commit must be"), (dict(prune=-1.0), "prune must be")]:
         with pytest.raises(StoreError, match=match):
             api.sample(s, 2, steps=4, **bad)
+
+
+# the pipeline: load once, sample many times ------------------------------------------------
+
+
+def test_a_loaded_pipeline_reads_nothing_from_the_store_per_call(trained, tmp_path):
+    s = _copy(trained, tmp_path)
+    pipe = CDMPipeline.from_store(s, ["digits-0", "digits-1"], router="ito")
+    want = api.sample(s, 4, "1", ["digits-0", "digits-1"], "ito", steps=5, seed=2)
+    s.close()  # any registry read would now fail...
+    shutil.rmtree(tmp_path / "copy" / "models")  # ...and so would any model file read or digest check
+    for _ in range(2):
+        g = pipe(4, "1", SamplingSettings(steps=5, seed=2))
+        assert np.array_equal(g.images, want.images) and np.array_equal(g.attribution, want.attribution)
+    with pytest.raises(StoreError, match="n must be positive"):
+        pipe(0)
+
+
+def test_pipeline_cache_follows_the_registry_generation(trained, tmp_path, digits):
+    s = _copy(trained, tmp_path)
+    cache = PipelineCache()
+    a = cache.get(s, ["digits-0"], router="uniform")
+    assert cache.get(s, ["digits-0"], router="uniform") is a  # nothing changed: the same loaded pipeline
+    assert cache.get(s, ["digits-0"], router="ito") is not a
+    gen = s.generation()
+    api.ingest(s, "late", digits[:5], "one")  # a registry change: pipelines of older generations are dropped
+    assert s.generation() > gen
+    b = cache.get(s, ["digits-0"], router="uniform")
+    assert b is not a and len(cache._pipes) == 1
+
+
+def test_policy_is_resolved_by_the_pipeline(trained, tmp_path):
+    s = _copy(trained, tmp_path)
+    pol = Policy.parse('[users.bob]\ncompartments = ["digits-1", "digits-2"]\nrouters = ["ito"]\n')
+    pipe = CDMPipeline.from_store(s, user="bob", policy=pol)
+    assert pipe.names == ["digits-1", "digits-2"]
+    for kw, match in [(dict(router="uniform"), "user 'bob' may not use the uniform router"),
+                      (dict(allow=["digits-0"]), "user 'bob' may not use: digits-0")]:
+        with pytest.raises(Forbidden, match=match):
+            CDMPipeline.from_store(s, user="bob", policy=pol, **kw)
+    with pytest.raises(Forbidden) as e:  # what a client over HTTP is told names nothing
+        pol.resolve(s, "bob", "ito", ["digits-0", "no-such"], reveal=False)
+    assert str(e.value) == "this key may not use the requested compartment(s)"
+
+
+def test_one_plan_says_what_saw_an_item_and_what_to_rebuild(trained, tmp_path):
+    s = _copy(trained, tmp_path)
+    item = s.items("digits-1")[0].hash
+    assert saw(s, [item]) == ["digits-1", "paragon", "router"]
+    assert plan(s, ["digits-0", "digits-1", "paragon", "router"]) == []  # all up to date
+    s.db.execute("DELETE FROM models WHERE name IN ('digits-1', 'router')")
+    assert plan(s, ["router", "paragon", "digits-1", "digits-0"]) == ["digits-1", "router"]  # in training order
+    assert api.plan(s) == ["digits-1", "router"]  # `cdm train` asks the same function

@@ -142,7 +142,7 @@ class AdapterBank:
             return self.unet(x, t, class_labels=labels).sample
 
     def denoiser(self, name: str):
-        """The calling convention of `compose`, for one adapter."""
+        """One adapter under the denoiser calling convention (cdm.denoisers)."""
         if name not in self.names:
             raise KeyError(name)
         return lambda x, t, labels: self.forward(x, t, labels, [name] * x.shape[0])

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import sys
+import typing
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -15,22 +19,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import api
-from .compose import ROUTER_SPECS, router_help
 from .data import BUILTINS, load_builtin, load_folder
 from .demo import DemoConfig, run_demo
 from .errors import CdmError
 from .evaluate import EvalConfig, evaluate_store
 from .executor import make_executor
+from .forget import forget as run_forget
 from .ingest import resize_items
 from .models import default_preset
+from .pipeline import CDMPipeline, SamplingSettings
 from .policy import Policy, new_key, set_store_policy, store_policy
 from .progress import training_progress
-from .protect import forget as run_forget
 from .report import write_samples
+from .routers import DEFAULT_ROUTER, ROUTER_SPECS, router_help
 from .store import Store
 from .train import TrainConfig
 
-DEFAULT_ROUTER = next(iter(ROUTER_SPECS))
 app = typer.Typer(help="Compartmentalized Diffusion Models: one diffusion model per data compartment, "
                        "composed at sampling time.", no_args_is_help=True, pretty_exceptions_enable=False)
 out = Console()
@@ -180,50 +184,51 @@ def adapters(store: Path, public: Optional[list[str]] = typer.Option(None, help=
             out.print(f"compartments are LoRA adapters (rank {a.rank}, alpha {a.alpha:g}) on a base model {base}")
 
 
+def sampling_options(fn):
+    """Give a command one --option per `SamplingSettings` field (its default, type and help come
+    from the dataclass); the command receives them as `settings`."""
+    hints = typing.get_type_hints(SamplingSettings)
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                               annotation=Optional[typing.get_args(hints[f.name])[0]] if f.default is None
+                               else hints[f.name],
+                               default=typer.Option(f.default, help=f.metadata.get("help")))
+             for f in dataclasses.fields(SamplingSettings) if f.metadata.get("cli", True)]
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        settings = SamplingSettings(**{p.name: kwargs.pop(p.name) for p in extra})
+        return fn(**kwargs, settings=settings)
+
+    command.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "settings"]
+                                        + extra)
+    return command
+
+
 @app.command()
+@sampling_options
 def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."),
            label: Optional[str] = typer.Option(None, help="Class label (default: unconditional)."),
            allow: Optional[str] = typer.Option(None, help="Comma-separated compartments to compose (default: all)."),
            router: str = typer.Option(DEFAULT_ROUTER, help=f"Router: {router_help()}."),
-           sampler: str = typer.Option("ddpm", help="ddpm (ancestral) or ddim (deterministic)."),
-           steps: int = typer.Option(50, help="Sampling steps."),
-           guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none)."),
-           seed: int = typer.Option(0), paragon: bool = typer.Option(False, help="Sample the paragon instead."),
+           paragon: bool = typer.Option(False, help="Sample the paragon instead."),
            user: Optional[str] = typer.Option(None, help="Compose exactly what this user may use."),
            policy: Optional[Path] = typer.Option(None, help="Policy TOML (default: the store's policy)."),
-           prune: Optional[float] = typer.Option(None, help="Sparse routing: skip compartments this many nats "
-                                                            "below the leader (default: evaluate all)."),
-           commit: Optional[float] = typer.Option(None, help="Sparse routing: after this fraction of the steps, "
-                                                             "each sample continues with one compartment drawn "
-                                                             "from its weights."),
-           subset: Optional[int] = typer.Option(None, help="Sparse routing: each sample composes this many "
-                                                           "compartments, drawn by their priors."),
            adapter_mode: str = typer.Option("merged", help="Adapter compartments: merged (fastest on CPU), loop "
                                                            "(one base in memory) or joint (one batched call)."),
            out_dir: Path = typer.Option(Path("samples"), "--out", help="Where the PNGs go."),
-           device: str = typer.Option("cpu"), json_out: bool = typer.Option(False, "--json")) -> None:
+           device: str = typer.Option("cpu"), json_out: bool = typer.Option(False, "--json"),
+           settings: SamplingSettings = SamplingSettings()) -> None:
     """Sample from a composition of compartments, with per-sample attribution."""
     with _open(store) as s:
         allowed = None if allow is None else [a.strip() for a in allow.split(",") if a.strip()]
-        if user is not None:
-            pol = Policy.load(policy) if policy else store_policy(s)
-            if pol is None:
-                _fail("--user needs --policy FILE or a store policy (`cdm policy STORE --set FILE`)")
-            if router not in pol.rule(user).routers:
-                _fail(f"user {user!r} may not use the {router} router (policy allows: "
-                      f"{', '.join(pol.rule(user).routers)})")
-            permitted = pol.allowed(s, user)
-            if not permitted:
-                _fail(f"user {user!r} may use no compartment at present: "
-                      + "; ".join(pol.missing(s).get(user, ["their rule names none"])) + " (not in the store)")
-            refused = sorted(set(allowed or ()) - set(permitted))
-            if refused:
-                _fail(f"user {user!r} may not use: {', '.join(refused)}")
-            allowed = allowed or permitted
-        elif policy is not None:
+        if policy is not None and user is None:
             _fail("--policy needs --user")
-        g = api.sample(s, n, label, allowed, router, steps, guidance, seed, sampler, device, paragon, prune=prune,
-                       commit=commit, adapter_mode=adapter_mode, subset=subset)
+        if user is not None and policy is None and store_policy(s) is None:
+            _fail("--user needs --policy FILE or a store policy (`cdm policy STORE --set FILE`)")
+        pipe = CDMPipeline.from_store(s, allowed, user=user, policy=Policy.load(policy) if policy else None,
+                                      router=router, paragon=paragon, adapter_mode=adapter_mode, device=device)
+        g = pipe(n, label, settings)
         files, grid = write_samples(g.images, out_dir)
         recs = g.records(files)
     _emit({"grid": grid, "compartments": g.compartments, "router": g.router, "samples": recs}, json_out)

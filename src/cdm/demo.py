@@ -15,10 +15,11 @@ import numpy as np
 from rich.console import Console
 
 from . import api
-from .compose import ROUTER_SPECS
 from .evaluate import EvalConfig, EvalReport, ExtractorConfig, evaluate_store
+from .pipeline import CDMPipeline, SamplingSettings
 from .progress import training_progress
 from .report import grid, plot_weights, to_pil
+from .routers import DEFAULT_ROUTER, ROUTER_SPECS
 from .store import Store
 from .train import RouterConfig, TrainConfig
 
@@ -44,6 +45,9 @@ class DemoConfig:
 
     def replace(self, **kw) -> "DemoConfig":
         return replace(self, **kw)
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(steps=self.sample_steps, guidance=self.guidance, seed=self.seed)
 
 
 def run_demo(out: Path, cfg: DemoConfig, device: str = "cpu", console: Console | None = None) -> Path:
@@ -85,8 +89,9 @@ def run_demo(out: Path, cfg: DemoConfig, device: str = "cpu", console: Console |
                 allow = kw.get("allow")
                 labs = per_label if allow is None else [lab for lab in per_label
                                                         if _has_label(store, allow, lab)]
-                gens[title] = api.sample(store, len(labs), labs, allow, kw.get("router", "ito"), cfg.sample_steps,
-                                         cfg.guidance, cfg.seed, "ddpm", device, kw.get("paragon", False))
+                pipe = CDMPipeline.from_store(store, allow, router=kw.get("router", DEFAULT_ROUTER),
+                                              paragon=kw.get("paragon", False), device=device)
+                gens[title] = pipe(len(labs), labs, cfg.sampling())
         timings["sample"] = time.perf_counter() - t
         t = time.perf_counter()
         with console.status("evaluating") as st:

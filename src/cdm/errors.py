@@ -37,3 +37,9 @@ class Busy(StoreError):
     """Another writer holds the store's lock: retry when its work ends."""
 
     http_status = 503
+
+
+class Forbidden(CdmError):
+    """The access policy does not let this user (or key) do it."""
+
+    http_status = 403

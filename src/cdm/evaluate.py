@@ -20,17 +20,18 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
 
-from . import api
 from .data import BUILTINS, Item, load_builtin, load_folder, to_tensor_array
 from .ingest import resize_items
 from .models import FeatureNet
+from .pipeline import CDMPipeline, SamplingSettings
+from .plan import model_state
 from .store import PARAGON, Store, StoreError, private_files
 
 
@@ -54,6 +55,9 @@ class EvalConfig:
     alpha: float = 0.5  # Carlini et al. relative criterion
     neighbours: int = 50
     attribution_samples: int = 0  # unconditional samples for attribution accuracy (0: skip)
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(steps=self.steps, guidance=self.guidance, seed=self.seed, batch_size=self.batch_size)
 
 
 @dataclass
@@ -215,17 +219,18 @@ class Evaluator:
         return frechet_distance(self.features(self.train_pixels[pick])[0], self.real_feats)
 
     def run(self, name: str, allow: list[str] | None = None, router: str = "ito", paragon: bool = False,
-            prune: float | None = None, commit: float | None = None, subset: int | None = None) -> Metrics:
-        cfg, store = self.cfg, self.store
+            settings: SamplingSettings | None = None) -> Metrics:
+        """Score one composition (or the paragon); `settings` default to the config's (`EvalConfig.sampling`)."""
+        cfg, store, settings = self.cfg, self.store, settings or self.cfg.sampling()
         comps = [PARAGON] if paragon else (sorted(allow) if allow else sorted(store.compartments()))
         hist = store.label_counts()
         present = sorted({lid for c in (hist if paragon else comps) for lid, k in hist.get(c, {}).items()
                           if k and lid is not None})
         labels = [self.label_names[present[i % len(present)]] for i in range(cfg.samples)] if present else None
         t0 = time.perf_counter()
-        gen = api.sample(store, cfg.samples, labels, None if paragon else comps, router, cfg.steps, cfg.guidance,
-                         cfg.seed, device=self.device, paragon=paragon, batch_size=cfg.batch_size, prune=prune,
-                         commit=commit, subset=subset)
+        pipe = CDMPipeline.from_store(store, None if paragon else comps, router=router, paragon=paragon,
+                                      device=self.device)
+        gen = pipe(cfg.samples, labels, settings)
         seconds = time.perf_counter() - t0
         feats, preds = self.features(gen.images)
         acc = None
@@ -241,16 +246,15 @@ class Evaluator:
         m = Metrics(name, None if paragon else router, gen.compartments, cfg.samples,
                     frechet_distance(feats, self.real_feats), acc, float(mem.mean()), by_comp,
                     sample_seconds=round(seconds, 3),
-                    evaluations_per_sample_step=round(gen.evaluations / (cfg.samples * cfg.steps), 4))
+                    evaluations_per_sample_step=round(gen.evaluations / (cfg.samples * settings.steps), 4))
         if cfg.attribution_samples and not paragon and len(comps) > 1 and self.features.net is not None:
-            m.attribution_accuracy = self.attribution_accuracy(comps, router)
+            m.attribution_accuracy = self.attribution_accuracy(pipe)
         return m
 
-    def attribution_accuracy(self, comps: list[str], router: str) -> float:
+    def attribution_accuracy(self, pipe: CDMPipeline) -> float:
         """Unconditional samples: is the top-attributed compartment one holding the sample's label?"""
         cfg, hist = self.cfg, self.store.label_counts()
-        gen = api.sample(self.store, cfg.attribution_samples, None, comps, router, cfg.steps, 1.0, cfg.seed + 1,
-                         device=self.device, batch_size=cfg.batch_size)
+        gen = pipe(cfg.attribution_samples, None, replace(cfg.sampling(), guidance=1.0, seed=cfg.seed + 1))
         _, preds = self.features(gen.images)
         top = [gen.compartments[i] for i in gen.attribution.argmax(1)]
         return float(np.mean([hist.get(c, {}).get(int(p), 0) > 0 for c, p in zip(top, preds)]))
@@ -299,7 +303,7 @@ def evaluate_store(store: Store, routers: list[str] = ("ito",), paragon: bool | 
     """Score the paragon (when trained, unless paragon=False) and the composition with each router."""
     ev = Evaluator(store, reference_items(store, real), cfg, inception, device, extractor)
     results = []
-    if paragon or (paragon is None and api.model_state(store, PARAGON) == "ready"):
+    if paragon or (paragon is None and model_state(store, PARAGON) == "ready"):
         if log:
             log(f"sampling {cfg.samples} from the paragon")
         results.append(ev.run(PARAGON, paragon=True))

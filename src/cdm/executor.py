@@ -2,7 +2,7 @@
 
 A `Task` is a self-contained `TrainJob` and the store folders its files belong in. An
 executor runs tasks and yields, per task, the result or the error it raised; the driver
-(`api.run_jobs`) then registers each model; no worker ever opens the registry. The same
+(`build.run_jobs`) then registers each model; no worker ever opens the registry. The same
 job with the same number of threads gives bit-identical weights on either executor (CPU
 kernels split their sums by thread count, so threads are recorded with each model).
 

@@ -25,7 +25,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compose import ROUTERS
+from .errors import Forbidden
+from .routers import ROUTERS
 from .store import NotFound, Store, StoreError
 
 RULE_FIELDS = ("sources", "compartments", "keys", "routers", "admin")
@@ -151,6 +152,30 @@ class Policy:
         comps = store.compartments()
         return sorted(c for c, s in comps.items() if s in r.sources or c in r.compartments)
 
+    def check_router(self, user: str, router: str, reveal: bool = True) -> None:
+        r = self.rule(user)
+        if router not in r.routers:
+            raise Forbidden(f"{_who(user, reveal)} may not use the {router} router"
+                            + (f" (policy allows: {', '.join(r.routers)})" if reveal else ""))
+
+    def resolve(self, store: Store, user: str, router: str, want: list[str] | None = None,
+                reveal: bool = True) -> list[str]:
+        """The compartments a request of `user` composes: `want` (default: all they may use now),
+        with `router`; `Forbidden` otherwise. This is where access is decided, for the CLI and
+        the HTTP service alike. With `reveal` False (a client over HTTP) the message names no
+        compartment, so it reads the same whether a refused one exists or not."""
+        self.check_router(user, router, reveal)
+        mine = self.allowed(store, user)
+        if not mine:
+            raise Forbidden(f"{_who(user, reveal)} may use no compartment at present"
+                            + (": " + "; ".join(self.missing(store).get(user, ["their rule names none"]))
+                               + " (not in the store)" if reveal else ""))
+        refused = sorted(set(want or ()) - set(mine))
+        if refused:
+            raise Forbidden(f"{_who(user, reveal)} may not use: {', '.join(refused)}" if reveal else
+                            f"{_who(user, reveal)} may not use the requested compartment(s)")
+        return sorted(set(want)) if want else mine
+
     def may_forget(self, store: Store, user: str, items: list[str] | None = None, source: str | None = None,
                    compartment: str | None = None) -> bool:
         """Admin scope: "store" admins may forget anything; `admin = true` only existing data within
@@ -167,6 +192,10 @@ class Policy:
             return compartment in mine
         rows = store.item_rows(items or [])
         return bool(items) and len(rows) == len(set(items)) and all(row.compartment in mine for row in rows.values())
+
+
+def _who(user: str, reveal: bool) -> str:
+    return f"user {user!r}" if reveal else "this key"
 
 
 def store_policy(store: Store) -> Policy | None:

@@ -1,9 +1,10 @@
 """`cdm serve`: an HTTP service that composes, per API key, exactly the compartments its
 user may use (the CDM paper's "customized model serving based on the user's access rights").
 
-Each request opens the store afresh and samples under one registry snapshot, so a forget or
-a new compartment swaps in atomically: a request sees the old models or the new ones, never
-a mix. Models stay in memory across requests (`api.load_unet`). Admission is bounded
+A composition is loaded once and reused while the registry is unchanged (`PipelineCache`,
+keyed by the registry's generation), and each request reads the generation under one
+registry snapshot, so a forget or a new compartment swaps in atomically: a request sees
+the old models or the new ones, never a mix. Admission is bounded
 (503 when full, 429 past a key's share), slots go round-robin over keys, a request's
 deadline is honoured while queued and while sampling (504), and a client that hangs up
 frees its slot. What the service promises and how it is tested: docs/security.md.
@@ -34,15 +35,17 @@ from PIL import Image
 from pydantic import BaseModel, Field, StringConstraints, create_model, field_validator
 from starlette.datastructures import MutableHeaders
 
-from . import api
-from .compose import ROUTER_SPECS, ROUTERS
 from .data import LABEL_MAX, NAME_RE, check_label
 from .errors import CdmError, DataError
+from .forget import forget
+from .pipeline import PipelineCache, SamplingSettings
 from .policy import Policy, hash_key
-from .protect import forget
+from .recipes import train_config
+from .routers import DEFAULT_ROUTER, ROUTER_SPECS, ROUTERS
 from .store import Store, StoreError
 
 KEY_HEADER = "X-API-Key"
+SERVED = ("steps", "guidance", "seed")  # the SamplingSettings a client may set (the rest: defaults)
 log = logging.getLogger("cdm.serve")
 
 
@@ -265,9 +268,10 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     # Sampling runs on `workers` long-lived threads: torch keeps a team of compute threads per
     # calling thread, and a fresh caller per request leaves idle teams spinning on the cores.
     samplers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdm-sample")
+    pipes = PipelineCache()
     reported: set[str] = set()
     with Store.open(store_path) as s:
-        timesteps = api.train_config(s).num_train_timesteps
+        timesteps = train_config(s).num_train_timesteps
     if not 1 <= cfg.max_steps <= timesteps:
         raise StoreError(f"max_steps {cfg.max_steps} must be in 1..{timesteps}, the store's diffusion steps")
 
@@ -299,7 +303,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
         steps=(int, Field(25, ge=1, le=cfg.max_steps, description="sampler steps")),
         guidance=(float, Field(1.0, ge=0, le=20, allow_inf_nan=False, description="classifier-free guidance scale")),
         seed=(int, Field(0, ge=0, le=2 ** 31 - 1)),
-        router=(Literal[ROUTERS], Field(next(iter(ROUTER_SPECS)), description=(
+        router=(Literal[ROUTERS], Field(DEFAULT_ROUTER, description=(
             "how compartments are weighted: " + "; ".join(f"{s.name}: {s.summary}" for s in ROUTER_SPECS.values())
             + ". A policy may withhold a router"))),
         compartments=(list[str] | None, Field(None, max_length=cfg.max_list,
@@ -315,16 +319,13 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
             raise HTTPException(401, "missing or unknown API key", headers={"WWW-Authenticate": KEY_HEADER})
         return Caller(user, hash_key(key))
 
-    def view(user: str, want: list[str] | None = None) -> tuple[list[str], list[str] | None, list[str]]:
-        """(the user's compartments, those requested or None if any is not theirs, labels in those)."""
+    def view(user: str, router: str | None = None, want: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """(the compartments a request composes, or all the user's without a router; labels in those)."""
         with Store.open(store_path) as s:
-            mine = policy.allowed(s, user)
-            chosen = sorted(set(want)) if want else mine
-            if set(chosen) - set(mine):
-                return mine, None, []
-            hist, names = s.label_counts(), s.label_names()
-        labels = sorted({names[lid] for c in chosen for lid, k in hist.get(c, {}).items() if k and lid is not None})
-        return mine, chosen, labels
+            names = policy.allowed(s, user) if router is None else policy.resolve(s, user, router, want, reveal=False)
+            hist, label_names = s.label_counts(), s.label_names()
+        return names, sorted({label_names[lid] for c in names for lid, k in hist.get(c, {}).items()
+                              if k and lid is not None})
 
     @app.get("/health")
     def health() -> dict:
@@ -332,7 +333,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
 
     @app.get("/v1/compartments", response_model=CompartmentsOut)
     def compartments(who: Caller = Depends(caller)) -> CompartmentsOut:
-        mine, _, labels = view(who.user)
+        mine, labels = view(who.user)
         return CompartmentsOut(user=who.user, compartments=mine, labels=labels)
 
     @app.post("/v1/generate", response_model=GenerateOut, responses={
@@ -340,25 +341,20 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
         429: {"description": "this key has its share of requests admitted"},
         503: {"description": "queue full, or a model is being (re)trained"}, 504: {"description": "deadline passed"}})
     async def generate(req: GenerateIn, request: Request, who: Caller = Depends(caller)):  # type: ignore[valid-type]
-        if req.router not in policy.users[who.user].routers:
-            raise HTTPException(403, f"this key may not use the {req.router} router")
+        policy.check_router(who.user, req.router, reveal=False)  # 403 before admission: it costs nothing
         sched.admit(who.key)  # first, before any store access: turning a flood away costs little
         deadline = time.monotonic() + (req.deadline_s or cfg.deadline)
         cancel = threading.Event()
         watcher = asyncio.create_task(_watch(request, cancel))
         try:
-            mine, want, labels = await run_in_threadpool(view, who.user, req.compartments)
-            if not mine:
-                raise HTTPException(403, "this key may use no compartment at present")
-            if want is None:  # the same answer whether or not the compartment exists
-                raise HTTPException(403, "this key may not use the requested compartment(s)")
+            want, labels = await run_in_threadpool(view, who.user, req.router, req.compartments)  # 403 if not theirs
             if req.label is not None and req.label not in labels:  # the same whether it exists elsewhere or not
                 return JSONResponse({"detail": [{"loc": ["body", "label"], "type": "value_error", "msg":
                                                  "no compartment composed for this request holds that label"}]}, 422)
             await sched.acquire(who.key, deadline, cancel)
             try:
                 return await asyncio.get_running_loop().run_in_executor(
-                    samplers, functools.partial(_generate, store_path, req, want, deadline, cancel, cfg))
+                    samplers, functools.partial(_generate, store_path, pipes, req, want, deadline, cancel, cfg))
             finally:
                 sched.release()
         finally:
@@ -437,8 +433,8 @@ async def _watch(request: Request, cancel: threading.Event) -> None:
         await asyncio.sleep(0.2)
 
 
-def _generate(store_path: Path, req, names: list[str], deadline: float, cancel: threading.Event,
-              cfg: ServeConfig) -> GenerateOut:
+def _generate(store_path: Path, pipes: PipelineCache, req, names: list[str], deadline: float,
+              cancel: threading.Event, cfg: ServeConfig) -> GenerateOut:
     def check(step: int, total: int) -> None:
         if cancel.is_set():
             raise Gone()
@@ -447,8 +443,9 @@ def _generate(store_path: Path, req, names: list[str], deadline: float, cancel: 
 
     t0 = time.perf_counter()
     with Store.open(store_path) as s:
-        g = api.sample(s, req.n, req.label, names, req.router, req.steps, req.guidance, req.seed,
-                       device=cfg.device, batch_size=cfg.max_n, callback=check)
+        pipe = pipes.get(s, names, router=req.router, device=cfg.device)
+    settings = SamplingSettings(**{k: getattr(req, k) for k in SERVED}, batch_size=cfg.max_n)
+    g = pipe(req.n, req.label, settings, callback=check)
     out = []
     for i in range(req.n):
         img = g.images[i]

@@ -292,14 +292,21 @@ class Store:
 
     @contextlib.contextmanager
     def tx(self):
-        """One registry transaction: all of it or none of it."""
+        """One registry transaction: all of it or none of it. Each one advances the generation."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("INSERT INTO meta VALUES ('generation', '1') "
+                            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    def generation(self) -> int:
+        """A number that grows with every committed change to the registry: what was read at
+        one generation (a loaded pipeline, say) is current while the number stays the same."""
+        return self.get_meta("generation", 0)
 
     @contextlib.contextmanager
     def snapshot(self):

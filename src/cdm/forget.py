@@ -19,9 +19,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import api
+from .build import run_jobs
 from .executor import Executor, LocalExecutor
-from .store import BASE, PARAGON, ROUTER, NotFound, Store, StoreError, crashpoint
+from .loading import forget_unused_models
+from .plan import build_job, plan, saw
+from .store import PARAGON, ROUTER, NotFound, Store, StoreError, crashpoint
 from .train import Progress, stale_checkpoints
 
 
@@ -56,7 +58,7 @@ def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touch
     for n in dict.fromkeys([*touched, PARAGON, *(n for n in invalid if n not in dropped)]):
         ckpt = store.checkpoint_dir(n)
         if ckpt.exists() and n != ROUTER:
-            paths += stale_checkpoints(api.build_job(store, n, load_pixels=False), ckpt)
+            paths += stale_checkpoints(build_job(store, n, load_pixels=False), ckpt)
     paths += [store.work_dir(n) for n in dict.fromkeys([*touched, *invalid, PARAGON, ROUTER])]  # interrupted runs
     paths.append(store.eval_dir())  # the evaluation feature extractor was trained on the items
     return [store.relative(p) for p in paths]
@@ -85,11 +87,7 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
         gone = [r for r in rows.values() if r.compartment == compartment]
     touched = sorted({r.compartment for r in gone} - set(dropped))
     existing = store.models()
-    adapters = api.adapter_config(store)
-    on_base = []  # a public item was in the base: the base and every adapter on it saw it
-    if adapters is not None and not adapters.base_from and any(r.source in adapters.public for r in gone):
-        on_base = [BASE, *(n for n, m in existing.items() if m.info.get("adapter"))]
-    invalid = [n for n in dict.fromkeys([*touched, *dropped, PARAGON, ROUTER, *on_base]) if n in existing]
+    invalid = saw(store, [r.hash for r in gone])
     before = {n: existing[n].digest for n in invalid}
 
     with store.tx() as db:
@@ -100,24 +98,15 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
             dropped=dropped, source=source, models_before=before), actor)
     crashpoint("forget:committed")
     store.finish_cleanup(intent)  # nothing that held the data remains restorable
-    api.forget_unused_models()  # nor any copy in this process's memory
+    forget_unused_models()  # nor any copy in this process's memory
     crashpoint("forget:cleaned")
 
     res = ForgetResult([r.hash for r in gone], dropped, [], invalid)
     if ROUTER in existing:
         res.router = "deleted: retrain with cdm train"
-    if retrain:
-        executor = executor or LocalExecutor(device)
-        counts, live = store.counts(), store.compartments()
-        # the base retrains if public items remain; its adapters only on a base (run_jobs: base first)
-        base = BASE in invalid and any(r.source in adapters.public for r in store.items())
-        todo = [BASE] if base else []
-        todo += [n for n in invalid if n in live and counts.get(n) and (n not in on_base or base)]
-        if PARAGON in existing and counts:
-            todo.append(PARAGON)
-        if ROUTER in existing and sum(1 for v in counts.values() if v) >= 2:
-            todo.append(ROUTER)
-        for r in api.run_jobs(store, todo, executor, progress, actor):
+    if retrain:  # what saw the items and can still be trained, as `cdm train` would build it
+        todo = plan(store, invalid, strict=False)
+        for r in run_jobs(store, todo, executor or LocalExecutor(device), progress, actor):
             res.retrained.append(dict(name=r.name, resumed_from=r.resumed_from, steps=r.steps,
                                       seconds=round(r.seconds, 3)))
         if ROUTER in todo:

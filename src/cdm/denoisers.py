@@ -1,0 +1,72 @@
+"""The one calling convention every denoiser follows, and the wrappers built on it.
+
+    denoiser(x, t, cond) -> eps
+
+`x` is (B, C, H, W), `t` a (B,) long tensor of training timesteps, and `cond` whatever
+the model is conditioned on, batch first: a (B,) long tensor of class-label ids today
+(the null id for "no label"), a dict of tensors (say text embeddings and their mask)
+next. A composition of denoisers (`cdm.mixture.Mixture`) and classifier-free guidance
+(`guided`) are themselves denoisers, so they nest (docs/architecture.md, "Sampling").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+Cond = Union[torch.Tensor, dict]  # batch-first tensor, or a dict of batch-first tensors
+Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+
+def cond_cat(a: Cond, b: Cond) -> Cond:
+    """Stack two conditions along the batch."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+def cond_rows(c: Cond, rows: torch.Tensor) -> Cond:
+    """The condition of some rows."""
+    if isinstance(c, dict):
+        return {k: v[rows] for k, v in c.items()}
+    return c[rows]
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """Conditioning on class-label ids; `null_id` (the store's max_labels) is the null condition,
+    which the models were trained on with label dropout (Ho & Salimans 2022)."""
+
+    null_id: int
+
+    def encode(self, ids: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+    def null(self, rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.full((rows,), self.null_id, dtype=torch.long, device=device)
+
+
+def unet_denoiser(unet) -> Denoiser:
+    """A diffusers UNet2DModel with class embeddings, under the calling convention."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, class_labels=cond).sample
+
+    return eps
+
+
+def guided(denoiser: Denoiser, scale: float, null: Cond) -> Denoiser:
+    """Classifier-free guidance (Ho & Salimans 2022) as a denoiser:
+
+        eps = eps(x, t, null) + scale * (eps(x, t, cond) - eps(x, t, null))
+
+    One call of `denoiser` on the conditional rows stacked over the null rows (`null` has as
+    many rows as `x`), so a mixture inside sees both row sets (docs/routers.md Sec. 4)."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        e_c, e_u = denoiser(torch.cat([x, x]), torch.cat([t, t]), cond_cat(cond, null)).chunk(2)
+        return e_u + scale * (e_c - e_u)
+
+    return eps

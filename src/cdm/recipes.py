@@ -1,0 +1,37 @@
+"""The store's recipes as typed configs: how every model in it is built.
+
+Saved in the registry's meta at `cdm init` (training, router) and `cdm adapters`; read here
+and nowhere else. Seeds are pure functions of the store seed and a model's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from .adapters import AdapterConfig
+from .store import Store
+from .train import RouterConfig, TrainConfig
+
+
+def train_config(store: Store) -> TrainConfig:
+    return TrainConfig(**store.get_meta("train"))
+
+
+def router_config(store: Store) -> RouterConfig:
+    return RouterConfig(**store.get_meta("router"))
+
+
+def adapter_config(store: Store) -> AdapterConfig | None:
+    """The store's adapter settings, or None when every compartment is a full model."""
+    a = store.get_meta("adapter")
+    return None if a is None else AdapterConfig(**{**a, "public": tuple(a["public"])})
+
+
+def model_seed(store: Store, name: str) -> int:
+    """Seed of one model: a pure function of the store seed and the model's name."""
+    return int.from_bytes(hashlib.sha256(f"model\x1f{store.config.seed}\x1f{name}".encode()).digest()[:8], "big") >> 1
+
+
+def null_label(store: Store) -> int:
+    """The label id of "no label": the null condition of classifier-free guidance."""
+    return store.config.max_labels
