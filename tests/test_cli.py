@@ -100,3 +100,6 @@ def test_demo_writes_a_report(tmp_path):
         assert (out / name).exists()
     grid = np.asarray(Image.open(out / "grid-1.png"))
     assert grid.shape[0] >= 10 * 8 * 6  # ten label rows, upscaled
+    assert "Smoke run (`--quick`)" in report and "attribution accuracy column stays empty" in report
+    uniform = report.split("**CDM-4, uniform router**")[1].split("mean largest")[0]
+    assert [row.split("|")[3].strip() for row in uniform.splitlines() if row.startswith("| digits-")] == ["0.25"] * 4

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from cdm import api
-from cdm.data import load_folder
+from cdm.folders import load_folder
 from cdm.store import Store, StoreError
 from cdm.train import TrainConfig
 

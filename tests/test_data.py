@@ -124,7 +124,7 @@ def test_bad_files_are_all_named_and_nothing_is_written(tmp_path):
     msg = str(e.value)
     for name in ("big.png", "rgb.png", "broken.png"):
         assert name in msg
-    assert "ok.png" not in msg and "3 bad file(s)" in msg
+    assert "ok.png" not in msg and "2 of 4 image(s) are not 8x8 L" in msg and "1 bad file(s)" in msg
     assert _nothing_written(tmp_path / "s")
     # --resize converts size and mode, the corrupt file is still refused
     (tmp_path / "in" / "b" / "broken.png").unlink()

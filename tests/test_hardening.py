@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from cdm import api
 from cdm import data as cdm_data
 from cdm.cli import app as cli_app
-from cdm.data import DataError, Item, load_builtin, load_folder
+from cdm.data import DataError, Item, load_builtin
+from cdm.folders import load_folder
 from cdm.forget import forget
 from cdm.policy import Policy, new_key
 from cdm.serve import Deadline, Scheduler, ServeConfig, create_app

@@ -110,3 +110,25 @@ def test_steps_option_changes_the_recipe_and_retrains(tmp_path, digits):
         api.train(s, steps=0)
     with pytest.raises(StoreError, match="unknown compartment"):
         api.train(s, compartments=["nope"])
+
+
+def test_an_epoch_budget_scales_steps_with_each_models_items(tmp_path, digits):
+    from dataclasses import replace
+
+    from .conftest import TINY, TINY_ROUTER
+
+    s = api.init_store(tmp_path / "s", 8, 1, 0, 2, 16, replace(TINY, epochs=4, min_steps=2), TINY_ROUTER)
+    api.ingest(s, "big", digits[:60], "one")
+    api.ingest(s, "small", digits[60:70], "one")
+    api.train(s, paragon=True, router=False)
+    steps = {n: m.info["steps"] for n, m in s.models().items()}
+    assert steps == {"big": 15, "small": 3, "paragon": 18}  # ceil(4 x items / 16), capped at 24
+    # an epoch-budgeted model is the model of that fixed step count, bit for bit
+    f = api.init_store(tmp_path / "f", 8, 1, 0, 2, 16, replace(TINY, steps=15), TINY_ROUTER)
+    api.ingest(f, "big", digits[:60], "one")
+    api.train(f, router=False)
+    assert f.model("big").digest == s.model("big").digest and f.model("big").spec == s.model("big").spec
+    with pytest.raises(StoreError, match="epochs must be >= 0"):
+        api.train(s, epochs=-1)
+    api.train(s, epochs=0, paragon=True, router=False)  # back to a fixed count: every model retrains at 24 steps
+    assert {m.info["steps"] for m in s.models().values()} == {24}

@@ -19,7 +19,8 @@ from diffusers import UNet2DModel
 
 from .adapters import AdapterConfig
 from .build import TrainError, run_jobs, train  # noqa: F401 (re-exported)
-from .data import DataError, load_builtin, load_folder, to_uint8_images  # noqa: F401 (re-exported)
+from .data import DataError, load_builtin, to_uint8_images  # noqa: F401 (re-exported)
+from .folders import load_folder  # noqa: F401 (re-exported)
 from .forget import ForgetResult, forget  # noqa: F401 (re-exported)
 from .ingest import IngestResult, ingest  # noqa: F401 (re-exported)
 from .loading import forget_unused_models, load_bank, load_unet  # noqa: F401 (re-exported)
@@ -30,7 +31,7 @@ from .policy import Policy, store_policy
 from .recipes import adapter_config, model_seed, null_label, router_config, train_config  # noqa: F401
 from .routers import DEFAULT_ROUTER
 from .store import BASE, PARAGON, ROUTER, Store, StoreConfig, StoreError, file_digest
-from .train import WEIGHTS, RouterConfig, TrainConfig
+from .train import WEIGHTS, RouterConfig, TrainConfig, recipe_fields
 
 plan = train_plan  # the models `train` would (re)train, in order
 
@@ -149,7 +150,7 @@ def status(store: Store) -> dict:
             users[u]["missing"] = missing[u]  # names that grant nothing (forgotten or never ingested)
     a = adapter_config(store)
     adapters = None if a is None else dict(asdict(a), public=list(a.public), base=model_state(store, BASE))
-    return dict(store=str(store.root), config=asdict(cfg), train=asdict(train_config(store)), policy=users or None,
+    return dict(store=str(store.root), config=asdict(cfg), train=recipe_fields(train_config(store)), policy=users or None,
                 adapters=adapters,
                 sources=store.sources(), items=sum(counts.values()), labels=hist_all, compartments=comps,
                 paragon=models[PARAGON], router=dict(

@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 
 from .executor import Executor, LocalExecutor, Task
 from .plan import build_job, train_plan
-from .recipes import train_config
+from .recipes import router_config, train_config
 from .store import BASE, Store, StoreError
 from .train import Progress, TrainResult, weights_file
 
@@ -28,19 +28,32 @@ class TrainError(StoreError):
 
 def train(store: Store, compartments: list[str] | None = None, paragon: bool = False, router: bool | None = None,
           steps: int | None = None, device: str = "cpu", progress: Progress | None = None,
-          actor: str | None = None, executor: Executor | None = None) -> list[TrainResult]:
+          actor: str | None = None, executor: Executor | None = None,
+          router_steps: int | None = None, epochs: float | None = None) -> list[TrainResult]:
     """Train every compartment without an up-to-date model (or the named ones), and optionally
     the paragon and the classifier router. Interrupted work resumes from its last checkpoint.
-    Jobs run on `executor` (default: locally, on `device`); this process alone writes the
-    registry, and holds the store's writer lock throughout."""
+    `steps` (denoisers) and `router_steps` (the classifier router) change the store's recipe,
+    and the change is logged; so does `epochs` (a budget in passes over each model's items,
+    `steps` its cap; 0 goes back to a fixed step count). Jobs run on `executor` (default: locally, on `device`); this
+    process alone writes the registry, and holds the store's writer lock throughout."""
     with store.writing("train"):
-        if steps is not None:
-            if steps < 1:
-                raise StoreError(f"steps must be >= 1, got {steps}")
-            if steps != train_config(store).steps:
+        for key, value, config in (("train", steps, train_config), ("router", router_steps, router_config)):
+            if value is None:
+                continue
+            if value < 1:
+                raise StoreError(f"{'router_' if key == 'router' else ''}steps must be >= 1, got {value}")
+            if value != config(store).steps:
                 with store.tx() as db:
-                    store.set_meta(db, "train", asdict(replace(train_config(store), steps=steps)))
-                    store.log(db, "config", {"train.steps": steps}, actor)
+                    store.set_meta(db, key, asdict(replace(config(store), steps=value)))
+                    store.log(db, "config", {f"{key}.steps": value}, actor)
+        if epochs is not None:
+            if epochs < 0 or epochs != epochs:
+                raise StoreError(f"epochs must be >= 0 (0: a fixed step count), got {epochs}")
+            budget = epochs or None
+            if budget != train_config(store).epochs:
+                with store.tx() as db:
+                    store.set_meta(db, "train", asdict(replace(train_config(store), epochs=budget)))
+                    store.log(db, "config", {"train.epochs": budget}, actor)
         return run_jobs(store, train_plan(store, compartments, paragon, router), executor or LocalExecutor(device),
                         progress, actor)
 

@@ -19,9 +19,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import api
-from .data import BUILTINS, load_builtin, load_folder
+from .data import BUILTINS, load_builtin
+from .folders import file_item_id, load_folder
 from .demo import DemoConfig, run_demo
-from .errors import CdmError
+from .errors import CdmError, NotFound
 from .evaluate import EvalConfig, evaluate_store
 from .executor import make_executor
 from .forget import forget as run_forget
@@ -98,23 +99,31 @@ def init(store: Path, image_size: int = typer.Option(8, help="Image side in pixe
 @app.command()
 def ingest(store: Path, source: str = typer.Option(..., help="Name of the data owner's collection."),
            builtin: Optional[str] = typer.Option(None, help=f"Embedded dataset: {', '.join(BUILTINS)}."),
-           folder: Optional[Path] = typer.Option(None, help="Folder of png/jpg, one sub-folder per label or flat."),
+           folder: Optional[Path] = typer.Option(None, help="Folder of images: label sub-folders, flat, a Hugging "
+                                                            "Face imagefolder (metadata.jsonl/csv) or .txt captions."),
+           path: Optional[Path] = typer.Option(None, help="With --builtin fashion-mnist: the folder of its IDX files "
+                                                          "(default: Debian's /usr/share/datasets/fashion-mnist)."),
+           caption_column: Optional[str] = typer.Option(None, help="Metadata column of captions (default: text)."),
+           label_column: Optional[str] = typer.Option(None, help="Metadata column of labels (default: the "
+                                                                 "sub-folder of each file)."),
            split: str = typer.Option("iid:4", help="iid:K, by-class:K or one."),
-           resize: bool = typer.Option(False, help="Convert images of another size or mode."),
+           resize: bool = typer.Option(False, help="Convert images of another size or mode (bicubic)."),
            follow_symlinks: bool = typer.Option(False, help="Read what symbolic links in the folder point to "
                                                             "(refused by default)."),
            json_out: bool = typer.Option(False, "--json")) -> None:
-    """Add a source's items to the store, assigning each to a compartment and a slice."""
+    """Add a source's items to the store, assigning each to a compartment and a slice.
+    A builtin's training split is ingested; its test split stays held out for `cdm eval`."""
     with _open(store) as s:
         if (builtin is None) == (folder is None):
             _fail("give exactly one of --builtin NAME or --folder DIR")
         cfg = s.config
         if builtin is not None:
-            items = load_builtin(builtin)
+            items = load_builtin(builtin, "train", path)
             if resize:
                 items = resize_items(items, cfg.image_size, cfg.channels)
         else:
-            items = load_folder(folder, cfg.image_size, cfg.channels, resize, follow_symlinks)
+            items = load_folder(folder, cfg.image_size, cfg.channels, resize, follow_symlinks, caption_column,
+                                label_column)
         r = api.ingest(s, source, items, split)
     _emit({"added": r.added, "duplicates": r.duplicates, "compartments": r.compartments}, json_out)
     if not json_out:
@@ -128,7 +137,15 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
           paragon: bool = typer.Option(False, help="Also train the monolithic baseline on all items."),
           router: Optional[bool] = typer.Option(None, "--router/--no-router",
                                                 help="Train the classifier router (default: when training all)."),
-          steps: Optional[int] = typer.Option(None, help="Training steps per model (saved as the store's recipe)."),
+          steps: Optional[int] = typer.Option(None, help="Training steps of every denoiser (compartments, paragon, "
+                                                         "base). Changes the store's recipe: models trained with "
+                                                         "other steps become stale."),
+          router_steps: Optional[int] = typer.Option(None, help="Training steps of the classifier router (its own "
+                                                                "recipe; --steps does not apply to it)."),
+          epochs: Optional[float] = typer.Option(None, help="Budget each denoiser in passes over its own items "
+                                                            "(steps = epochs x items / batch, at least 100, at most "
+                                                            "--steps); 0: a fixed step count again. Saved in the "
+                                                            "recipe."),
           device: str = typer.Option("cpu", help="torch device, e.g. cpu, cuda, cuda:1."),
           executor: str = typer.Option("local", help="local (this process) or ray (one task per model)."),
           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
@@ -139,9 +156,16 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
     """Train every compartment without an up-to-date model; resumes interrupted work."""
     with _open(store) as s:
         ex = make_executor(executor, device, threads, address, gpus_per_job)
+        before = (api.train_config(s).steps, api.router_config(s).steps, api.train_config(s).epochs)
         prog, cb = training_progress(err)
         with prog:
-            results = api.train(s, compartment or None, paragon, router, steps, device, cb, executor=ex)
+            results = api.train(s, compartment or None, paragon, router, steps, device, cb, executor=ex,
+                                router_steps=router_steps, epochs=epochs)
+        after = (api.train_config(s).steps, api.router_config(s).steps, api.train_config(s).epochs)
+        for what, old, new in zip(("denoiser steps", "classifier router steps", "denoiser epochs"), before, after):
+            if old != new:
+                err.print(f"recipe changed: {what} {old} -> {new} (saved in the store; models trained "
+                          f"with {old} are stale until retrained)")
         rows = [dict(name=r.name, kind=r.kind, items=r.items, steps=r.steps, seconds=round(r.seconds, 2),
                      steps_per_s=round(r.steps / r.seconds, 2) if r.seconds else None,
                      final_loss=r.final_loss, resumed_from=r.resumed_from, digest=s.model(r.name).digest)
@@ -333,7 +357,9 @@ def serve(store: Path, policy: Path = typer.Option(..., help="Policy TOML: users
 
 
 @app.command()
-def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Item SHA-256 (repeatable)."),
+def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Item id (repeatable; see `cdm items`)."),
+           file: Optional[list[Path]] = typer.Option(None, help="The item with this file's pixels (repeatable): "
+                                                                "the image an owner hands over."),
            source: Optional[str] = typer.Option(None, help="Drop a whole source."),
            compartment: Optional[str] = typer.Option(None, help="Drop a whole compartment."),
            retrain: bool = typer.Option(True, help="Retrain affected models now (else they stay missing)."),
@@ -345,16 +371,51 @@ def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Ite
            json_out: bool = typer.Option(False, "--json")) -> None:
     """Forget items, a source or a compartment exactly: retrain only what saw them, from the slice before."""
     with _open(store) as s:
+        items = [*(item or []), *(_item_of_file(s, f) for f in file or [])]
         ex = make_executor(executor, device, threads, address, gpus_per_job)
         prog, cb = training_progress(err)
         with prog:
-            r = run_forget(s, item or None, source, compartment, retrain, device, cb, executor=ex)
+            r = run_forget(s, items or None, source, compartment, retrain, device, cb, executor=ex)
     _emit(asdict(r), json_out)
     if not json_out:
         out.print(f"forgot {len(r.items)} item(s)" + (f", dropped {', '.join(r.dropped)}" if r.dropped else ""))
         for x in r.retrained:
             out.print(f"  retrained {x['name']} from {x['resumed_from']}: {x['steps']} steps, {x['seconds']:.1f} s")
         out.print(f"  classifier router: {r.router}; took {r.seconds:.1f} s")
+
+
+def _item_of_file(s: Store, path: Path) -> str:
+    h = file_item_id(path, s.config.image_size, s.config.channels)
+    if not s.has_items([h]):
+        raise NotFound(f"no item of this store has the pixels of {path} (its id here would be {h})")
+    return h
+
+
+@app.command()
+def items(store: Path, source: Optional[str] = typer.Option(None, help="Only this source's items."),
+          compartment: Optional[str] = typer.Option(None, help="Only this compartment's items."),
+          file: Optional[list[Path]] = typer.Option(None, help="Look up the item of this image file (repeatable)."),
+          json_out: bool = typer.Option(False, "--json")) -> None:
+    """List items (id, source, compartment, slice, label, caption), or find the item of a file."""
+    with _open(store) as s:
+        if file:
+            rows = [s.item_rows([_item_of_file(s, f)]) for f in file]
+            rows = [r for d in rows for r in d.values()]
+        else:
+            if compartment is not None:
+                s.require_compartments([compartment])
+            if source is not None and source not in s.sources():
+                raise NotFound(f"unknown source {source!r}; known: {', '.join(s.sources()) or 'none'}")
+            rows = [r for r in s.items(compartment) if source is None or r.source == source]
+        names, caps = s.label_names(), s.captions([r.hash for r in rows])
+        recs = [dict(id=r.hash, source=r.source, compartment=r.compartment, slice=r.slice,
+                     label=None if r.label is None else names[r.label], caption=caps.get(r.hash)) for r in rows]
+    _emit(recs, json_out)
+    if not json_out:
+        t = Table("id", "source", "compartment", "slice", "label", "caption")
+        for r in recs:
+            t.add_row(r["id"], r["source"], r["compartment"], str(r["slice"]), r["label"] or "-", escape(r["caption"] or ""))
+        out.print(t)
 
 
 @app.command("policy")

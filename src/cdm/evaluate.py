@@ -27,7 +27,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from .data import BUILTINS, Item, load_builtin, load_folder, to_tensor_array
+from .data import BUILTINS, Item, load_builtin, to_tensor_array
+from .folders import load_folder
 from .ingest import resize_items
 from .models import FeatureNet
 from .pipeline import CDMPipeline, SamplingSettings
@@ -233,6 +234,7 @@ class Evaluator:
         gen = pipe(cfg.samples, labels, settings)
         seconds = time.perf_counter() - t0
         feats, preds = self.features(gen.images)
+        self.last_features, self.last_generation = feats, gen  # for benches: bootstrap intervals, grids
         acc = None
         if labels is not None and preds is not None:
             want = np.array([store.labels()[lab] for lab in labels])

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import Image
 
-from .data import DataError, Item, SplitRule, assign_slice, check_label, check_name
+from .data import DataError, Item, SplitRule, assign_slice, check_caption, check_label, check_name
+from .folders import canonical
 from .store import BASE, PARAGON, ROUTER, Store, crashpoint, now
 
 
@@ -23,13 +23,9 @@ class IngestResult:
 
 
 def resize_items(items: list[Item], size: int, channels: int) -> list[Item]:
-    """Convert builtin items to the store's format (used with --resize)."""
-    out = []
-    for it in items:
-        img = Image.fromarray(it.pixels[..., 0] if it.pixels.shape[2] == 1 else it.pixels)
-        img = img.convert({1: "L", 3: "RGB"}[channels]).resize((size, size), Image.Resampling.BICUBIC)
-        out.append(Item(np.asarray(img, dtype=np.uint8).reshape(size, size, channels), it.label, it.origin))
-    return out
+    """Convert builtin items to the store's format (used with --resize), as folders are converted."""
+    return [Item(canonical(Image.fromarray(it.pixels[..., 0] if it.pixels.shape[2] == 1 else it.pixels), size,
+                           channels, resize=True), it.label, it.origin, it.caption) for it in items]
 
 
 def ingest(store: Store, source: str, items: list[Item], split: str, actor: str | None = None) -> IngestResult:
@@ -59,6 +55,16 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
     if bad_labels:
         raise DataError(f"{len(bad_labels)} invalid label(s), nothing was ingested:\n  "
                         + "\n  ".join(list(bad_labels.values())[:20]))
+    bad_captions = []
+    for it in items:
+        if it.caption is not None:
+            try:
+                check_caption(it.caption)
+            except DataError as e:
+                bad_captions.append(f"{it.origin}: {e}")
+    if bad_captions:
+        raise DataError(f"{len(bad_captions)} invalid caption(s), nothing was ingested:\n  "
+                        + "\n  ".join(bad_captions[:20]))
     if rule.kind == "by-class":
         unlabelled = [it.origin for it in items if it.label is None]
         if unlabelled:
@@ -106,7 +112,8 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
     with store.tx() as db:
         store.drop_cleanup(db, intent)
         store.record_ingest(db, source, str(rule) if existing_rule is None else None, comps,
-                            {n: labels[n] for n in new_labels}, rows, t)
+                            {n: labels[n] for n in new_labels}, rows, t,
+                            {h: check_caption(it.caption) for h, it in new.items() if it.caption is not None})
         store.log(db, "ingest", {"source": source, "split": str(rule), "added": len(rows),
                                  "duplicates": duplicates, "items": [r[0] for r in rows]}, actor)
     counts = store.counts()

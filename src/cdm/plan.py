@@ -82,7 +82,7 @@ def build_job(store: Store, name: str, load_pixels: bool = True) -> TrainJob:
                        np.zeros((0,), np.uint8), model, rc, model_seed(store, ROUTER), 1, null, comps,
                        dict(num_train_timesteps=t.num_train_timesteps, beta_schedule=t.beta_schedule))
     else:
-        t = train_config(store)
+        t = train_config(store).for_items(len(rows))  # an epoch budget becomes this model's steps
         job = TrainJob(name, kind, hashes, labels, [r.slice for r in rows], np.zeros((0,), np.uint8),
                        unet_config(t.preset, cfg.image_size, cfg.channels, cfg.max_labels), t,
                        model_seed(store, name), cfg.slices, null)

@@ -45,6 +45,7 @@ PARAGON = "paragon"
 ROUTER = "router"
 BASE = "base"  # shared base model of adapter compartments
 
+CAPTIONS = "CREATE TABLE IF NOT EXISTS captions(hash TEXT PRIMARY KEY REFERENCES items(hash), text TEXT NOT NULL)"
 SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE labels(id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL);
@@ -55,6 +56,7 @@ CREATE TABLE items(hash TEXT PRIMARY KEY, source TEXT NOT NULL REFERENCES source
                    compartment TEXT NOT NULL REFERENCES compartments(name),
                    slice INTEGER NOT NULL, label INTEGER REFERENCES labels(id), added TEXT NOT NULL);
 CREATE INDEX items_by_compartment ON items(compartment, hash);
+CREATE TABLE captions(hash TEXT PRIMARY KEY REFERENCES items(hash), text TEXT NOT NULL);
 CREATE TABLE models(name TEXT PRIMARY KEY, kind TEXT NOT NULL, spec TEXT NOT NULL,
                     digest TEXT NOT NULL, path TEXT NOT NULL, info TEXT NOT NULL, trained TEXT NOT NULL);
 CREATE TABLE events(id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, kind TEXT NOT NULL,
@@ -185,6 +187,8 @@ class Store:
         if version != SCHEMA_VERSION:
             db.close()
             raise StoreError(f"{path}: schema version {version} is not supported (this cdm reads {SCHEMA_VERSION})")
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name='captions'").fetchone() is None:
+            db.execute(CAPTIONS)  # a store made before captions: the table is added, nothing else changes
         store = cls(root, db, config)
         lock = root / ".lock"  # a writer empties it on release: content left means one was killed (or is at work)
         if lock.exists() and lock.stat().st_size:
@@ -387,18 +391,21 @@ class Store:
         return [ItemRow(*r) for r in rows]
 
     def record_ingest(self, db: sqlite3.Connection, source: str, rule: str | None, compartments: list[str],
-                      new_labels: dict[str, int], rows: list[tuple], time_: str) -> None:
+                      new_labels: dict[str, int], rows: list[tuple], time_: str,
+                      captions: dict[str, str] | None = None) -> None:
         """Inside an ingest transaction: the source (`rule` None if it exists), its compartments,
-        new labels and the item rows (hash, source, compartment, slice, label id)."""
+        new labels, the item rows (hash, source, compartment, slice, label id) and captions."""
         if rule is not None:
             db.execute("INSERT INTO sources VALUES (?, ?, ?)", (source, rule, time_))
         db.executemany("INSERT OR IGNORE INTO compartments VALUES (?, ?, ?)", [(c, source, time_) for c in compartments])
         db.executemany("INSERT INTO labels VALUES (?, ?)", [(i, n) for n, i in new_labels.items()])
         db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", [r + (time_,) for r in rows])
+        db.executemany("INSERT INTO captions VALUES (?, ?)", sorted((captions or {}).items()))
 
     def delete_records(self, db: sqlite3.Connection, items: list[str], models: list[str], compartments: list[str],
                        source: str | None) -> None:
-        """Inside a forget transaction: item rows, model rows, compartments and a source."""
+        """Inside a forget transaction: item rows and their captions, model rows, compartments and a source."""
+        db.executemany("DELETE FROM captions WHERE hash=?", [(h,) for h in items])
         db.executemany("DELETE FROM items WHERE hash=?", [(h,) for h in items])
         db.executemany("DELETE FROM models WHERE name=?", [(n,) for n in models])
         db.executemany("DELETE FROM compartments WHERE name=?", [(c,) for c in compartments])
@@ -417,6 +424,17 @@ class Store:
             q = f"SELECT hash, source, compartment, slice, label FROM items WHERE hash IN ({','.join('?' * len(chunk))})"
             rows.update({r[0]: ItemRow(*r) for r in self.db.execute(q, chunk)})
         return rows
+
+    def captions(self, hashes: list[str] | None = None) -> dict[str, str]:
+        """Captions by item hash (of `hashes`, or of every item)."""
+        if hashes is None:
+            return dict(self.db.execute("SELECT hash, text FROM captions ORDER BY hash"))
+        out = {}
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i:i + 500]
+            out.update(self.db.execute(f"SELECT hash, text FROM captions WHERE hash IN ({','.join('?' * len(chunk))})",
+                                       chunk))
+        return out
 
     def has_items(self, hashes: list[str]) -> set[str]:
         return set(self.item_rows(hashes))

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +52,18 @@ class TrainConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
     checkpoint_every: int = 250
+    # a budget in passes over a model's own items instead of a fixed count: a model on n items
+    # trains clip(ceil(epochs * n / batch_size), min_steps, steps) steps (steps is then the cap),
+    # so small compartments are not overtrained and large ones not undertrained
+    epochs: float | None = None
+    min_steps: int = 100
+
+    def for_items(self, n: int) -> "TrainConfig":
+        """The recipe of one model trained on n items: the epoch budget resolved into steps."""
+        if self.epochs is None:
+            return self
+        steps = max(self.min_steps, math.ceil(self.epochs * n / self.batch_size))
+        return replace(self, steps=min(self.steps, steps), epochs=None, min_steps=TrainConfig.min_steps)
 
     def scheduler(self) -> DDPMScheduler:
         return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
@@ -94,7 +107,7 @@ class TrainJob:
         items = [(h, y, s) for h, y, s in zip(self.hashes, self.labels, self.slices)
                  if self.kind == "router" or s <= k]
         blob = json.dumps(dict(kind=self.kind, name=self.name if self.kind == "router" else None,
-                               model=self.model_config, train=asdict(self.train), seed=self.seed,
+                               model=self.model_config, train=recipe_fields(self.train), seed=self.seed,
                                stage=k, num_slices=self.num_slices, null_label=self.null_label,
                                classes=self.classes, extra=self.extra, items=items),
                           sort_keys=True, default=list)
@@ -107,6 +120,17 @@ class TrainJob:
     @property
     def spec(self) -> str:
         return self.stage_spec(self.stages - 1)
+
+
+def recipe_fields(cfg) -> dict:
+    """A recipe as a spec sees it. Fields added after the first release are left out while they
+    hold their defaults, so a model trained before they existed stays up to date."""
+    d = asdict(cfg)
+    if isinstance(cfg, TrainConfig):
+        for k in ("epochs", "min_steps"):
+            if d[k] == getattr(TrainConfig, k):
+                del d[k]
+    return d
 
 
 @dataclass
@@ -293,7 +317,7 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
     else:
         model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     meta = dict(name=job.name, kind=job.kind, items=len(job.hashes), spec=job.spec, seed=job.seed,
-                train=asdict(cfg), num_slices=job.num_slices, null_label=job.null_label, classes=job.classes,
+                train=recipe_fields(cfg), num_slices=job.num_slices, null_label=job.null_label, classes=job.classes,
                 adapter=adapter)
     (out_dir / "cdm.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return TrainResult(job.name, job.kind, len(job.hashes), steps_run, time.perf_counter() - t0, loss_val,

@@ -1,0 +1,237 @@
+"""Real owners' folders: captioned imagefolders, caption sidecars, RGB(A), Fashion-MNIST's IDX
+files; every bad row named with nothing written; captions stored and forgotten with their item."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cdm import api
+from cdm.cli import app as cli_app
+from cdm.data import FASHION_MNIST_LABELS, DataError, load_builtin
+from cdm.folders import file_item_id, load_folder
+from cdm.store import Store
+
+from .conftest import TINY, TINY_ROUTER
+
+
+def _rgb(seed: int, size: int = 8) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, 256, (size, size, 3)).astype(np.uint8)
+
+
+def _folder(root, n=6, layout="jsonl"):
+    """n RGB images in two label sub-folders, captioned by metadata.jsonl, metadata.csv or .txt sidecars."""
+    rows = []
+    for i in range(n):
+        name = f"{'cat' if i % 2 else 'dog'}/{i:03d}.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_rgb(i)).save(root / name)
+        rows.append(dict(file_name=name, text=f"a picture, number {i}", kind="odd" if i % 2 else "even"))
+        if layout == "txt":
+            (root / name).with_suffix(".txt").write_text(f"a picture,\n number {i}\n")
+    if layout == "jsonl":
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif layout == "csv":
+        (root / "metadata.csv").write_text("file_name,text,kind\n"
+                                           + "".join(f"{r['file_name']},\"{r['text']}\",{r['kind']}\n" for r in rows))
+    return rows
+
+
+def _store(path, channels=3, size=8):
+    return api.init_store(path, size, channels, 0, 2, 16, TINY, TINY_ROUTER)
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "csv", "txt"])
+def test_each_layout_gives_items_with_labels_and_captions(tmp_path, layout):
+    _folder(tmp_path / "in", layout=layout)
+    items = sorted(load_folder(tmp_path / "in", 8, 3), key=lambda it: it.origin[-7:])  # by file number
+    assert [it.caption for it in items] == [f"a picture, number {i}" for i in range(6)]  # whitespace collapsed
+    assert [it.label for it in items] == ["dog", "cat"] * 3  # the sub-folder is the label
+    assert all(np.array_equal(it.pixels, _rgb(i)) for i, it in enumerate(items))
+    if layout != "txt":
+        by_column = sorted(load_folder(tmp_path / "in", 8, 3, label_column="kind"), key=lambda it: it.origin[-7:])
+        assert [it.label for it in by_column] == ["even", "odd"] * 3
+
+
+def test_captions_round_trip_through_the_store_and_the_cli(tmp_path):
+    _folder(tmp_path / "in")
+    s = _store(tmp_path / "s")
+    api.ingest(s, "pets", load_folder(tmp_path / "in", 8, 3), "one")
+    want = {it.hash: it.caption for it in load_folder(tmp_path / "in", 8, 3)}
+    assert s.captions() == want
+    r = CliRunner().invoke(cli_app, ["items", str(tmp_path / "s"), "--file", str(tmp_path / "in/cat/003.png"),
+                                     "--json"])
+    assert r.exit_code == 0, r.output
+    (rec,) = json.loads(r.output)
+    assert rec["caption"] == "a picture, number 3" and rec["label"] == "cat" and rec["source"] == "pets"
+    assert rec["id"] == file_item_id(tmp_path / "in/cat/003.png", 8, 3) in want
+    listed = json.loads(CliRunner().invoke(cli_app, ["items", str(tmp_path / "s"), "--json"]).output)
+    assert {x["id"]: x["caption"] for x in listed} == want
+
+
+BAD = {
+    "missing file": (lambda d: (d / "dog/000.png").unlink(), "line 1: file 'dog/000.png' not found"),
+    "unlisted file": (lambda d: Image.fromarray(_rgb(9)).save(d / "cat/extra.png"),
+                      "1 image(s) not listed in metadata.jsonl: cat/extra.png"),
+    "empty caption": (lambda d: _edit(d, 2, text="  "), "line 3: empty caption (column 'text')"),
+    "bad json": (lambda d: _append(d, b"{not json\n"), "line 7: not JSON"),
+    "bad encoding": (lambda d: _append(d, b'{"file_name": "x\xff.png"}\n'), "not UTF-8 text (byte"),
+    "listed twice": (lambda d: _append(d, b'{"file_name": "dog/000.png", "text": "again"}\n'),
+                     "line 7: 'dog/000.png' is listed again (first on line 1)"),
+    "outside": (lambda d: _edit(d, 0, file_name="../x.png"), "line 1: file_name '../x.png' is outside the folder"),
+    "control character": (lambda d: _edit(d, 1, text="bell\x07"), "line 2: caption holds control character(s) U+0007"),
+}
+
+
+def _edit(d, i, **kw):
+    rows = [json.loads(x) for x in (d / "metadata.jsonl").read_text().splitlines()]
+    rows[i].update(kw)
+    (d / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _append(d, raw: bytes):
+    with open(d / "metadata.jsonl", "ab") as f:
+        f.write(raw)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_rows_are_named_and_nothing_is_written(tmp_path, case):
+    _folder(tmp_path / "in")
+    spoil, message = BAD[case]
+    spoil(tmp_path / "in")
+    _store(tmp_path / "s").close()
+    r = CliRunner().invoke(cli_app, ["ingest", str(tmp_path / "s"), "--source", "pets", "--folder",
+                                     str(tmp_path / "in"), "--split", "one"])
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    with Store.open(tmp_path / "s") as s:
+        assert s.items() == [] and s.captions() == {} and not list((tmp_path / "s" / "items").rglob("*.png"))
+
+
+def test_caption_sidecars_all_or_none_and_utf8(tmp_path):
+    _folder(tmp_path / "in", layout="txt")
+    (tmp_path / "in/cat/001.txt").unlink()
+    with pytest.raises(DataError, match="001.png: no caption file 001.txt"):
+        load_folder(tmp_path / "in", 8, 3)
+    (tmp_path / "in/cat/001.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(DataError, match="001.txt: not UTF-8 text"):
+        load_folder(tmp_path / "in", 8, 3)
+
+
+def test_alpha_is_composited_on_white_and_the_size_error_names_the_store_to_make(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:4, :, :3], rgba[:4, :, 3] = (10, 20, 30), 255  # top half opaque, bottom half transparent black
+    (tmp_path / "a").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a" / "x.png")
+    (it,) = load_folder(tmp_path / "a", 8, 3)
+    assert (it.pixels[:4] == (10, 20, 30)).all() and (it.pixels[4:] == 255).all()
+    for i in range(3):
+        Image.fromarray(_rgb(i, 32)).save(tmp_path / "a" / f"big{i}.png")
+    with pytest.raises(DataError) as e:
+        load_folder(tmp_path / "a", 8, 1)
+    msg = str(e.value)
+    assert "4 of 4 image(s) are not 8x8 L" in msg and "3 are 32x32 RGB" in msg
+    assert "cdm init STORE --image-size 32 --channels 3" in msg and "--resize" in msg
+
+
+def test_forgetting_a_captioned_item_removes_its_caption_everywhere(tmp_path):
+    _folder(tmp_path / "in", n=8)
+    items = load_folder(tmp_path / "in", 8, 3)
+    a, b = _store(tmp_path / "a"), _store(tmp_path / "b")
+    api.ingest(a, "pets", items, "iid:2")
+    api.ingest(b, "pets", items[1:], "iid:2")  # built without the first item
+    api.train(a)
+    r = CliRunner().invoke(cli_app, ["forget", str(tmp_path / "a"), "--file", str(tmp_path / "in/dog/000.png"),
+                                     "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["items"] == [items[0].hash]
+    api.train(b)
+    assert a.captions() == b.captions() and items[0].hash not in a.captions()
+    assert {n: m.digest for n, m in a.models().items()} == {n: m.digest for n, m in b.models().items()}
+    events = json.dumps(a.events())
+    assert items[0].hash in events and "number 0" not in events  # the audit keeps the id, never the caption
+    r = CliRunner().invoke(cli_app, ["forget", str(tmp_path / "a"), "--file", str(tmp_path / "in/dog/000.png")])
+    assert r.exit_code == 2 and "no item of this store has the pixels of" in r.output
+
+
+def _idx(path, arr: np.ndarray, gz: bool):
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    raw = head + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def test_fashion_mnist_reads_idx_files_plain_or_gzipped(tmp_path):
+    imgs = np.random.RandomState(0).randint(0, 256, (5, 28, 28)).astype(np.uint8)
+    labels = np.array([0, 9, 3, 3, 1], np.uint8)
+    _idx(tmp_path / "train-images-idx3-ubyte.gz", imgs, True)
+    _idx(tmp_path / "train-labels-idx1-ubyte", labels, False)
+    items = load_builtin("fashion-mnist", "train", tmp_path)
+    assert [it.label for it in items] == [FASHION_MNIST_LABELS[i] for i in labels]
+    assert all(np.array_equal(it.pixels[..., 0], imgs[i]) for i, it in enumerate(items))
+    with pytest.raises(DataError, match="sudo apt-get install dataset-fashion-mnist"):
+        load_builtin("fashion-mnist", "test", tmp_path)
+    _idx(tmp_path / "train-labels-idx1-ubyte", labels[:4], False)
+    with pytest.raises(DataError, match="one label per 2-D image"):
+        load_builtin("fashion-mnist", "train", tmp_path)
+
+
+def test_rgb_32px_store_trains_samples_and_forgets(tmp_path):
+    root = tmp_path / "in"
+    for i in range(12):
+        (root / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_rgb(i, 32)).save(root / str(i % 2) / f"{i}.png")
+    s = api.init_store(tmp_path / "s", 32, 3, 0, 2, 16, TINY, TINY_ROUTER)
+    api.ingest(s, "art", load_folder(root, 32, 3), "iid:2")
+    api.train(s)
+    g = api.sample(s, 3, "1", steps=3)
+    assert g.images.shape == (3, 32, 32, 3) and g.images.dtype == np.uint8
+    victim = s.items("art-0")[0].hash
+    api.forget(s, [victim])
+    assert victim not in {r.hash for r in s.items()} and api.status(s)["compartments"]["art-0"]["model"] == "ready"
+
+
+def _bench_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_emoji_script_reads_an_npm_tarball_into_a_captioned_imagefolder(tmp_path):
+    import io
+    import tarfile
+
+    emoji = _bench_module("emoji")
+    data = [dict(name="GRINNING FACE", unified="1F600", image="1f600.png", category="Smileys & Emotion",
+                 has_img_google=True),
+            dict(name="WAVING HAND SIGN", unified="1F44B", image="1f44b.png", category="People & Body",
+                 has_img_google=True, skin_variations={"1F3FD": dict(image="1f44b-1f3fd.png", has_img_google=True),
+                                                       "1F3FF": dict(image="1f44b-1f3ff.png", has_img_google=False)}),
+            dict(name="ONLY ELSEWHERE", unified="1F999", image="1f999.png", category="Objects", has_img_google=False)]
+    files = {"package/emoji.json": json.dumps(data).encode(), "package/LICENSE": b"The MIT License (MIT)\n"}
+    for i, name in enumerate(["1f600.png", "1f44b.png", "1f44b-1f3fd.png"]):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((64, 64, 4), 40 * i, np.uint8), "RGBA").save(buf, format="PNG")
+        files[f"package/img/google/64/{name}"] = buf.getvalue()
+    files["package/img/google/sheets/64.png"] = b"not one emoji"
+    with tarfile.open(tmp_path / "emoji-datasource-google-1.0.0.tgz", "w:gz") as tar:
+        for name, raw in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    recs, images, licence = emoji.read_package(tmp_path / "emoji-datasource-google-1.0.0.tgz", "google")
+    assert [r["text"] for r in recs] == ["grinning face", "waving hand sign", "waving hand sign, medium skin tone"]
+    assert {r["label"] for r in recs} == {"Smileys and Emotion", "People and Body"} and "MIT" in licence
+    assert emoji.write_imagefolder(tmp_path / "out", "google", recs, images, licence) == 3
+    assert "Apache-2.0" in (tmp_path / "out" / "google" / "LICENCE.md").read_text()
+    items = load_folder(tmp_path / "out" / "google", 32, 3, resize=True, label_column="label")
+    assert sorted(it.caption for it in items) == sorted(r["text"] for r in recs)
+    assert {it.label for it in items} == {"Smileys and Emotion", "People and Body"}
