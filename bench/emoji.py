@@ -6,12 +6,12 @@ them with the ordinary npm client (`npm pack --ignore-scripts`: a tarball, no No
 runs), reads each tarball, and writes
 
     OUT/<vendor>/metadata.jsonl      file_name, text (the emoji's name), label (its category)
-    OUT/<vendor>/images/<code>.png   64x64 RGBA, as shipped
+    OUT/<vendor>/<code>.png          64x64 RGBA, as shipped
     OUT/<vendor>/LICENCE.md          the image licence and the package's LICENSE
 
     python bench/emoji.py --out bench-work/emoji                      # google, twitter
     python bench/emoji.py --out bench-work/emoji --include-unlicensed  # also apple, facebook
-    cdm ingest art --source google --folder bench-work/emoji/google --split one --resize
+    cdm ingest art --source google --folder bench-work/emoji/google --split one --resize --label-column label
 
 Image licences (the packages' own LICENSE covers their code and data files):
 google: Apache-2.0 (Noto Emoji); twitter: CC-BY-4.0 (Twemoji, attribution required);
@@ -81,11 +81,11 @@ def read_package(tarball: Path, vendor: str) -> tuple[list[dict], dict[str, byte
 
 def write_imagefolder(out: Path, vendor: str, recs: list[dict], images: dict[str, bytes], licence: str) -> int:
     folder = out / vendor
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
         for r in recs:
-            (folder / "images" / r["image"]).write_bytes(images[r["image"]])
-            f.write(json.dumps(dict(file_name=f"images/{r['image']}", text=r["text"], label=r["label"])) + "\n")
+            (folder / r["image"]).write_bytes(images[r["image"]])
+            f.write(json.dumps(dict(file_name=r["image"], text=r["text"], label=r["label"])) + "\n")
     terms = LICENSED.get(vendor) or UNLICENSED[vendor]
     (folder / "LICENCE.md").write_text(f"# {vendor} emoji images\n\nImages: {terms}.\n\n"
                                        f"## LICENSE of the npm package emoji-datasource-{vendor}\n\n{licence}")

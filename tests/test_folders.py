@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cdm import api
 from cdm.cli import app as cli_app
 from cdm.data import FASHION_MNIST_LABELS, DataError, load_builtin
+from cdm.evaluate import EvalConfig, ExtractorConfig, evaluate_store
 from cdm.folders import file_item_id, load_folder
 from cdm.store import Store
 
@@ -189,6 +190,10 @@ def test_rgb_32px_store_trains_samples_and_forgets(tmp_path):
     api.train(s)
     g = api.sample(s, 3, "1", steps=3)
     assert g.images.shape == (3, 32, 32, 3) and g.images.dtype == np.uint8
+    rep = evaluate_store(s, real=root, cfg=EvalConfig(samples=8, steps=2, batch_size=8),
+                         extractor=ExtractorConfig(steps=5, batch_size=8))
+    assert rep.features == "cdm-features" and [m.name for m in rep.results] == ["cdm-2"]
+    assert np.isfinite(rep.results[0].fid) and 0 <= rep.results[0].memorized <= 1
     victim = s.items("art-0")[0].hash
     api.forget(s, [victim])
     assert victim not in {r.hash for r in s.items()} and api.status(s)["compartments"]["art-0"]["model"] == "ready"
