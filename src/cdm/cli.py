@@ -246,10 +246,6 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
     """Sample from a composition of compartments, with per-sample attribution."""
     with _open(store) as s:
         allowed = None if allow is None else [a.strip() for a in allow.split(",") if a.strip()]
-        if policy is not None and user is None:
-            _fail("--policy needs --user")
-        if user is not None and policy is None and store_policy(s) is None:
-            _fail("--user needs --policy FILE or a store policy (`cdm policy STORE --set FILE`)")
         pipe = CDMPipeline.from_store(s, allowed, user=user, policy=Policy.load(policy) if policy else None,
                                       router=router, paragon=paragon, adapter_mode=adapter_mode, device=device)
         g = pipe(n, label, settings)

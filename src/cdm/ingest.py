@@ -55,11 +55,11 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
     if bad_labels:
         raise DataError(f"{len(bad_labels)} invalid label(s), nothing was ingested:\n  "
                         + "\n  ".join(list(bad_labels.values())[:20]))
-    bad_captions = []
+    bad_captions, captions = [], {}  # canonical caption of each captioned item (by object)
     for it in items:
         if it.caption is not None:
             try:
-                check_caption(it.caption)
+                captions[id(it)] = check_caption(it.caption)
             except DataError as e:
                 bad_captions.append(f"{it.origin}: {e}")
     if bad_captions:
@@ -113,7 +113,7 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
         store.drop_cleanup(db, intent)
         store.record_ingest(db, source, str(rule) if existing_rule is None else None, comps,
                             {n: labels[n] for n in new_labels}, rows, t,
-                            {h: check_caption(it.caption) for h, it in new.items() if it.caption is not None})
+                            {h: captions[id(it)] for h, it in new.items() if id(it) in captions})
         store.log(db, "ingest", {"source": source, "split": str(rule), "added": len(rows),
                                  "duplicates": duplicates, "items": [r[0] for r in rows]}, actor)
     counts = store.counts()

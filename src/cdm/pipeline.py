@@ -130,18 +130,20 @@ class CDMPipeline:
             if user is not None:
                 policy = policy or store_policy(store)
                 if policy is None:
-                    raise StoreError("a user needs a policy: pass one, or set the store's (`cdm policy --set`)")
+                    raise StoreError(f"user {user!r} needs --policy FILE or a store policy "
+                                     f"(`cdm policy STORE --set FILE`)")
                 allow = policy.resolve(store, user, router, allow)
             elif policy is not None:
-                raise StoreError("a policy needs a user")
+                raise StoreError("--policy needs --user")
             names = [PARAGON] if paragon else cls._composed(store, allow)
             joint = None
-            if not paragon and adapter_config(store) is not None:
+            adapters = not paragon and adapter_config(store) is not None
+            if adapters:
                 state = model_state(store, BASE)
                 if state != "ready":
                     raise NotReady(f"the base model of the adapter compartments is "
                                    f"{'not trained' if state == 'missing' else 'out of date'}; run `cdm train`")
-            if not paragon and adapter_config(store) is not None and adapter_mode != "merged":
+            if adapters and adapter_mode != "merged":
                 bank = load_bank(store, names, device)
                 dens = [bank.denoiser(c) for c in names]
                 joint = bank.joint(names) if adapter_mode == "joint" else None

@@ -37,8 +37,7 @@ def _base_rows(store: Store, name: str) -> list[ItemRow]:
 
 
 def _base_trainable(store: Store, name: str, counts: dict[str, int]) -> bool:
-    a = adapter_config(store)
-    return a is not None and not a.base_from and any(r.source in a.public for r in store.items())
+    return bool(_base_rows(store, name))
 
 
 def _router_rows(store: Store, name: str) -> list[ItemRow]:
@@ -69,9 +68,10 @@ def kind_of(name: str) -> str:
 def build_job(store: Store, name: str, load_pixels: bool = True) -> TrainJob:
     """The self-contained job for one model: its items, recipe and seed."""
     cfg, null, kind = store.config, null_label(store), kind_of(name)
-    if kind == "base" and (adapter_config(store) is None or adapter_config(store).base_from):
+    adapters = adapter_config(store)
+    if kind == "base" and (adapters is None or adapters.base_from):
         raise StoreError("this store's base model is not trained here: " + (
-            "no adapters are set (see `cdm adapters`)" if adapter_config(store) is None else "it was imported"))
+            "no adapters are set (see `cdm adapters`)" if adapters is None else "it was imported"))
     rows = KINDS[kind].rows(store, name)
     hashes, labels = [r.hash for r in rows], [null if r.label is None else r.label for r in rows]
     if kind == "router":
@@ -86,7 +86,6 @@ def build_job(store: Store, name: str, load_pixels: bool = True) -> TrainJob:
         job = TrainJob(name, kind, hashes, labels, [r.slice for r in rows], np.zeros((0,), np.uint8),
                        unet_config(t.preset, cfg.image_size, cfg.channels, cfg.max_labels), t,
                        model_seed(store, name), cfg.slices, null)
-        adapters = adapter_config(store)
         if adapters is not None and kind == "compartment":  # a LoRA adapter: depends on its base
             base = store.model(BASE)
             job.model_config = {}  # the base (pinned by its digest) is the architecture

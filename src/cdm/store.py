@@ -418,23 +418,20 @@ class Store:
 
     def item_rows(self, hashes: list[str]) -> dict[str, ItemRow]:
         """The registered items among `hashes`, by hash."""
-        rows = {}
-        for i in range(0, len(hashes), 500):
-            chunk = hashes[i:i + 500]
-            q = f"SELECT hash, source, compartment, slice, label FROM items WHERE hash IN ({','.join('?' * len(chunk))})"
-            rows.update({r[0]: ItemRow(*r) for r in self.db.execute(q, chunk)})
-        return rows
+        return {r[0]: ItemRow(*r) for r in self._where_hash_in("SELECT hash, source, compartment, slice, label FROM items",
+                                                               hashes)}
 
     def captions(self, hashes: list[str] | None = None) -> dict[str, str]:
         """Captions by item hash (of `hashes`, or of every item)."""
         if hashes is None:
             return dict(self.db.execute("SELECT hash, text FROM captions ORDER BY hash"))
-        out = {}
+        return dict(self._where_hash_in("SELECT hash, text FROM captions", hashes))
+
+    def _where_hash_in(self, select: str, hashes: list[str]):
+        """Rows of `select ... WHERE hash IN (hashes)`, queried in chunks (SQLite bounds parameters)."""
         for i in range(0, len(hashes), 500):
             chunk = hashes[i:i + 500]
-            out.update(self.db.execute(f"SELECT hash, text FROM captions WHERE hash IN ({','.join('?' * len(chunk))})",
-                                       chunk))
-        return out
+            yield from self.db.execute(f"{select} WHERE hash IN ({','.join('?' * len(chunk))})", chunk)
 
     def has_items(self, hashes: list[str]) -> set[str]:
         return set(self.item_rows(hashes))
