@@ -45,6 +45,19 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def run_clients(client, count: int) -> float:
+    """Run client(i) on `count` threads at once; returns the wall seconds until all are done."""
+    import threading
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t0
+
+
 def emit(out: dict, title: str, header: list[str], rows: list[list]) -> None:
     """Print the JSON result, then a titled markdown table."""
     import json

@@ -77,14 +77,14 @@ def fashion_store(path: Path, items: list[Item], split: str, tc: TrainConfig, rc
         return s
 
 
-def public_base(work: Path, items: list[Item], tc: TrainConfig, rc: RouterConfig, public: float) -> tuple[Path, list]:
-    """Train a base on a public fraction of the items (by hash) in a store of its own; returns its
-    model folder and the private rest."""
+def public_base(folder: Path, items: list[Item], tc: TrainConfig, rc: RouterConfig, public: float) -> tuple[Store, list]:
+    """Train a base on a public fraction of the items (by hash) in a store of its own at `folder`;
+    returns that store (its one compartment, "fashion", is the base) and the private rest."""
     cut = int(256 * public)
     pub = [it for it in items if int(it.hash[:2], 16) < cut]
-    s = fashion_store(work / "public-base", pub, "one", tc, rc)
+    s = fashion_store(folder, pub, "one", tc, rc)
     train(s, router=False)
-    return s.model_dir("fashion"), [it for it in items if int(it.hash[:2], 16) >= cut]
+    return s, [it for it in items if int(it.hash[:2], 16) >= cut]
 
 
 def bootstrap_ratio(a: np.ndarray, b: np.ndarray, real: np.ndarray, n: int = 200) -> tuple[float, float]:
@@ -103,12 +103,20 @@ def part_fashion(args, sizes: Sizes, work: Path) -> dict:
     k, t = 8, sizes.steps
     tc = TrainConfig(preset=sizes.preset, steps=t, checkpoint_every=max(50, t // 4))
     rc = RouterConfig(steps=min(t, 1000))
-    base, private = public_base(work, items, replace(tc, steps=max(1, t // 2)), rc, 0.25)
+    # a base on a public quarter, trained within the budget (1/2 of the paragon's steps) or before it (a
+    # pretrained public model whose steps are not counted, as the paper's Stable Diffusion base is not)
+    half, private = public_base(work / "public-base", items, replace(tc, steps=max(1, t // 2)), rc, 0.25)
+    pre, _ = public_base(work / "public-base-pretrained", items, tc, rc, 0.25)
+    base, pretrained = half.model_dir("fashion"), pre.model_dir("fashion")
     plans = [("iid-8", "iid:8", tc, items, None, "equal steps per model"),
              ("byclass-8", "by-class:8", tc, items, None, "equal steps per model"),
              ("iid-8-eqc", "iid:8", replace(tc, steps=max(1, t // k)), items, None, "equal total compute"),
              ("iid-8-base-eqc", "iid:8", replace(tc, steps=max(1, t // (2 * k))), private, base,
-              "equal total compute, public base")]  # a base on a public quarter: 1/2 of the steps; adapters 1/16 each
+              "equal total compute, public base"),  # the base takes 1/2 of the steps; adapters 1/16 each
+             ("iid-8-pretrained-eqc", "iid:8", replace(tc, steps=max(1, t // k)), private, pretrained,
+              "equal compute on private data, pretrained public base")]  # adapters 1/8 each on the uncounted base
+    if args.only:  # evaluate just these stores (beside the paragon, which every ratio needs)
+        plans = [p for p in plans if p[0] == "iid-8" or p[0] in args.only.split(",")]
     stores, seconds = {}, {}
     for name, split, recipe, its, base_dir, _ in plans:
         s = fashion_store(work / name, its, split, recipe, rc, base_dir)
@@ -126,7 +134,15 @@ def part_fashion(args, sizes: Sizes, work: Path) -> dict:
     para = ev["iid-8"].run(PARAGON, paragon=True)
     f[PARAGON] = ev["iid-8"].last_features
     rows.append(dict(store="paragon", budget="-", **asdict(para)))
+    for name, st, steps in (("public base alone", half, t // 2), ("pretrained base alone", pre, t)):
+        e = Evaluator(st, real, replace(cfg, attribution_samples=0), features=feats)
+        m = e.run(name, router="ito")
+        lo, hi = bootstrap_ratio(e.last_features, f[PARAGON], e.real_feats)
+        rows.append(dict(store=name, budget=f"{steps} steps on the public quarter", fid_ratio=round(m.fid / para.fid, 3),
+                         low=round(lo, 3), high=round(hi, 3), **asdict(m)))
     for name, *_, budget in plans:
+        if args.only and name not in args.only.split(","):
+            continue
         for router in args.routers.split(","):
             console.print(f"sampling {name} with the {router} router")
             m = ev[name].run(name, router=router)
@@ -175,14 +191,15 @@ def part_emoji(args, sizes: Sizes, work: Path) -> dict:
         held[v] = [it for it in items if it.origin in out]  # ~10% of emoji (the same ones for every vendor)
         train_items[v] = [it for it in items if it.origin not in out]
     t = sizes.steps
-    path = work / f"emoji-{size}"
+    path = work / f"emoji-{size}" if t == DEFAULT.steps else work / f"emoji-{size}-{t}"  # --steps: a store of its own
     try:
         s = Store.open(path)
     except StoreError:
         s = api.init_store(path, size, 3, 0, 4, 16, TrainConfig(preset=sizes.preset if size <= 16 else "medium",
                                                                  steps=t, checkpoint_every=max(50, t // 4)),
                            RouterConfig(steps=min(t, 1000)))
-        for v, its in train_items.items():
+    for v, its in train_items.items():  # every vendor (a previous run may have forgotten one)
+        if v not in s.sources():
             api.ingest(s, v, its, "one")
     t0 = time.perf_counter()
     train(s, paragon=True)
@@ -194,7 +211,7 @@ def part_emoji(args, sizes: Sizes, work: Path) -> dict:
     y = torch.tensor([i for i, v in enumerate(names) for _ in train_items[v]])
     torch.manual_seed(0)
     judge = FeatureNet(len(names), 3, 32, 64)
-    _fit(judge, x, y, ExtractorConfig(steps=sizes.extractor_steps))
+    _fit(judge, x, y, ExtractorConfig(steps=args.judge_steps or 5 * sizes.extractor_steps))
 
     def vendor_of(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -244,6 +261,10 @@ def main() -> None:
     ap.add_argument("--emoji", type=Path, default=Path("bench-work/emoji"), help="output of bench/emoji.py")
     ap.add_argument("--routers", default="ito")
     ap.add_argument("--steps", type=int, default=None, help="override the training steps of the chosen sizes")
+    ap.add_argument("--judge-steps", type=int, default=None,
+                    help="emoji: training steps of the vendor judge (default 5x the feature extractor's)")
+    ap.add_argument("--only", default=None, help="fashion: evaluate only these stores (comma-separated; the paragon "
+                                                  "and the public bases always)")
     ap.add_argument("--keep", action="store_true", help="emoji: do not forget a vendor at the end")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()

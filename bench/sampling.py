@@ -44,8 +44,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="default 5; quick 2")
     ap.add_argument("--routers", default=",".join(ROUTERS))
     ap.add_argument("--sparse", default="", help="comma-separated settings to time beside dense, "
-                                                 "e.g. prune=5,commit=0.5 (see cdm.mixture.Mixture)")
+                                                 "e.g. prune=5,commit=0.5 (see cdm.mixture.Mixture); "
+                                                 "grouped=1: one grouped model call per step (cdm.grouped)")
     ap.add_argument("--fid", type=int, default=0, help="also measure FID with this many samples per configuration")
+    ap.add_argument("--real", default="digits", help="held-out images for FID: a builtin (digits, fashion-mnist) "
+                                                     "or a folder")
     ap.add_argument("--boot", type=int, default=200, help="bootstrap resamples for the FID change")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -70,8 +73,9 @@ def main() -> None:
     for rep in range(repeats + 1):  # the first round warms up and is not counted
         for name, k, router, m in configs:
             t = time.perf_counter()
-            pipe = CDMPipeline.from_store(stores[k], router=router or "ito", paragon=router is None, device=args.device)
-            g = pipe(n, labels, SamplingSettings(steps, args.guidance, seed=rep, batch_size=n, **m))
+            pipe = CDMPipeline.from_store(stores[k], router=router or "ito", paragon=router is None,
+                                          grouped=bool(m.get("grouped")), device=args.device)
+            g = pipe(n, labels, SamplingSettings(steps, args.guidance, seed=rep, batch_size=n, **sparse(m)))
             if rep:
                 times.setdefault(name, []).append(time.perf_counter() - t)
             evals[name] = g.evaluations / (n * steps)
@@ -81,13 +85,14 @@ def main() -> None:
     fid, delta = {}, {}
     if args.fid:
         feats = Features(stores[ks[0]], cfg=ExtractorConfig(steps=100 if q else 600))
-        real = feats(np.stack([it.pixels for it in reference_items(stores[ks[0]])]))[0]
+        real = feats(np.stack([it.pixels for it in reference_items(stores[ks[0]], args.real)]))[0]
         fid_labels = [str(i % 10) for i in range(args.fid)]
         gen_feats = {}
         for name, k, router, m in configs:
             console.print(f"FID of {name}")
-            pipe = CDMPipeline.from_store(stores[k], router=router or "ito", paragon=router is None, device=args.device)
-            g = pipe(args.fid, fid_labels, SamplingSettings(steps, args.guidance, seed=1, batch_size=500, **m))
+            pipe = CDMPipeline.from_store(stores[k], router=router or "ito", paragon=router is None,
+                                          grouped=bool(m.get("grouped")), device=args.device)
+            g = pipe(args.fid, fid_labels, SamplingSettings(steps, args.guidance, seed=1, batch_size=500, **sparse(m)))
             gen_feats[name] = feats(g.images)[0]
             fid[name] = frechet_distance(gen_feats[name], real)
         rng = np.random.default_rng(0)  # resample the samples (paired) and the held-out images
@@ -118,14 +123,20 @@ def main() -> None:
 
 
 def parse_setting(text: str) -> dict:
-    """'subset=2+commit=0.5' -> {'subset': 2, 'commit': 0.5} (fields of SamplingSettings)."""
+    """'subset=2+commit=0.5' -> {'subset': 2, 'commit': 0.5} (fields of SamplingSettings);
+    'grouped=1' asks for grouped model calls (cdm.grouped)."""
     out = {}
     for kv in text.split("+"):
         key, _, value = kv.strip().partition("=")
-        if key not in ("prune", "commit", "subset") or not value:
-            raise SystemExit(f"bad --sparse setting {kv!r}: use prune=M, commit=F or subset=N, joined by +")
-        out[key] = int(value) if key == "subset" else float(value)  # SamplingSettings.check checks the ranges
+        if key not in ("prune", "commit", "subset", "grouped") or not value:
+            raise SystemExit(f"bad --sparse setting {kv!r}: use prune=M, commit=F, subset=N or grouped=1, joined by +")
+        out[key] = float(value) if key in ("prune", "commit") else int(value)  # SamplingSettings.check checks ranges
     return out
+
+
+def sparse(m: dict) -> dict:
+    """The SamplingSettings fields of a setting."""
+    return {k: v for k, v in m.items() if k != "grouped"}
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from common import console, digits_store, train
+from common import console, digits_store, run_clients, train
 
 from cdm.policy import new_key
 from cdm.store import Store
@@ -112,13 +112,7 @@ def main() -> None:
                         time.sleep(float(r.headers.get("Retry-After", "1")) * 0.1)
 
         console.print(f"{args.clients} clients for {seconds:.0f} s against {url}")
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_clients(client, args.clients)
     finally:
         server.terminate()
         server.wait(30)

@@ -147,6 +147,35 @@ def test_queue_full_is_503_and_deadlines_are_504(served):
         assert first["r"].status_code == 200  # the slow one was not disturbed
 
 
+def test_batched_requests_match_requests_alone(served):
+    reqs = [("alice", {"n": 2, "label": "3", "steps": 6, "seed": 1}),
+            ("bob", {"n": 3, "label": "4", "steps": 8, "seed": 2, "commit": 0.0}),
+            ("bob", {"n": 2, "steps": 5, "seed": 3, "router": "uniform", "guidance": 2.0}),
+            ("root", {"n": 1, "label": "7", "steps": 6, "seed": 4, "compartments": ["digits-0"]})]
+    slow = {"n": 8, "steps": 1000, "label": "1", "deadline_s": 1}
+    with served(workers=5, max_steps=1000) as url, httpx.Client(base_url=url, timeout=120) as c:
+        alone = [c.post("/v1/generate", json=body, headers=H(user)).json() for user, body in reqs]
+        got: dict[int, httpx.Response] = {}
+
+        def send(i, user, body):
+            with httpx.Client(base_url=url, timeout=120) as cc:
+                got[i] = cc.post("/v1/generate", json=body, headers=H(user))
+
+        threads = [threading.Thread(target=send, args=(i, u, b)) for i, (u, b) in enumerate([*reqs, ("bob", slow)])]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert got[len(reqs)].status_code == 504  # a deadline still ends its own request, batched or not
+    for i, a in enumerate(alone):
+        assert got[i].status_code == 200, got[i].text
+        b = got[i].json()
+        assert b["compartments"] == a["compartments"]
+        assert [s["png_base64"] for s in b["samples"]] == [s["png_base64"] for s in a["samples"]]
+        assert [s["attribution"] for s in b["samples"]] == [s["attribution"] for s in a["samples"]]
+    assert alone[0]["compartments"] == ["digits-1"]  # alice's rows met only her compartment
+
+
 def test_forget_under_load_serves_old_or_new_never_a_mix(served, tmp_path):
     req = {"n": 2, "label": "7", "steps": 4, "seed": 1, "compartments": ["digits-0"]}
     with served(workers=2) as url, httpx.Client(base_url=url, timeout=120) as c:

@@ -145,7 +145,11 @@ class AdapterBank:
         """One adapter under the denoiser calling convention (cdm.denoisers)."""
         if name not in self.names:
             raise KeyError(name)
-        return lambda x, t, labels: self.forward(x, t, labels, [name] * x.shape[0])
+        def eps(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return self.forward(x, t, labels, [name] * x.shape[0])
+
+        eps.key = (self, name)  # calls on the same adapter may share a batch (cdm.batching)
+        return eps
 
     def joint(self, names: list[str]):
         """eps of every (row, adapter) pair marked in `keep` (rows, K), in one batched call."""

@@ -108,13 +108,13 @@ def _install_base(store: Store, folder: Path, digest: str) -> None:
 
 def sample(store: Store, n: int, label: str | list[str] | None = None, allow: list[str] | None = None,
            router: str = DEFAULT_ROUTER, *, paragon: bool = False, user: str | None = None,
-           policy: Policy | None = None, adapter_mode: str = "merged", device: str = "cpu", callback=None,
-           **settings) -> Generation:
+           policy: Policy | None = None, adapter_mode: str = "merged", grouped: bool = False, device: str = "cpu",
+           callback=None, **settings) -> Generation:
     """Sample n images from the composition of `allow` (default: every compartment) in one call:
     `CDMPipeline.from_store(...)` then a call with `SamplingSettings(**settings)` (steps,
     guidance, sampler, seed, prune, commit, subset, batch_size)."""
     pipe = CDMPipeline.from_store(store, allow, user=user, policy=policy, router=router, paragon=paragon,
-                                  adapter_mode=adapter_mode, device=device)
+                                  adapter_mode=adapter_mode, grouped=grouped, device=device)
     return pipe(n, label, SamplingSettings(**settings), callback)
 
 

@@ -20,11 +20,11 @@ Cond = Union[torch.Tensor, dict]  # batch-first tensor, or a dict of batch-first
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
-def cond_cat(a: Cond, b: Cond) -> Cond:
-    """Stack two conditions along the batch."""
-    if isinstance(a, dict):
-        return {k: torch.cat([a[k], b[k]]) for k in a}
-    return torch.cat([a, b])
+def cond_cat(*conds: Cond) -> Cond:
+    """Stack conditions along the batch."""
+    if isinstance(conds[0], dict):
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(conds)
 
 
 def cond_rows(c: Cond, rows: torch.Tensor) -> Cond:
@@ -54,6 +54,7 @@ def unet_denoiser(unet) -> Denoiser:
     def eps(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return unet(x, t, class_labels=cond).sample
 
+    eps.key = unet  # calls on the same model may share a batch (cdm.batching)
     return eps
 
 

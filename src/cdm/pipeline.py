@@ -23,8 +23,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .batching import Batcher, batched, batched_joint
 from .data import to_uint8_images
 from .denoisers import ClassLabels, guided, unet_denoiser
+from .grouped import Group, grouped_joint
 from .loading import load_bank, load_classifier, load_unet, register_holder, scheduler_config
 from .mixture import Mixture
 from .plan import model_state
@@ -115,17 +117,20 @@ class CDMPipeline:
     @classmethod
     def from_store(cls, store: Store, allow: list[str] | None = None, *, user: str | None = None,
                    policy: Policy | None = None, router: str = DEFAULT_ROUTER, paragon: bool = False,
-                   adapter_mode: str = "merged", device: str = "cpu") -> "CDMPipeline":
+                   adapter_mode: str = "merged", grouped: bool = False, device: str = "cpu") -> "CDMPipeline":
         """Compose `allow` (default: every compartment, or everything `user` may use under
         `policy`, default the store's) with `router`; or load the paragon.
 
         Adapter compartments run `adapter_mode`: "merged" (each adapter folded into a copy of the
         base; fastest on CPU), "loop" (one base, adapters applied per call; least memory) or
-        "joint" (one base, every adapter's rows in one batched call)."""
+        "joint" (one base, every adapter's rows in one batched call). `grouped` evaluates all
+        compartments in one vectorised call per step (cdm.grouped; last-bit differences)."""
         if router not in ROUTERS:
             raise StoreError(f"unknown router {router!r}; available: {', '.join(ROUTERS)}")
         if adapter_mode not in ADAPTER_MODES:
             raise StoreError(f"unknown adapter mode {adapter_mode!r}; available: {', '.join(ADAPTER_MODES)}")
+        if grouped and adapter_mode != "merged":
+            raise StoreError(f"grouped calls need full or merged models, not adapter mode {adapter_mode!r}")
         with store.snapshot():  # one registry snapshot: old models or new ones, never a mix
             if user is not None:
                 policy = policy or store_policy(store)
@@ -148,7 +153,9 @@ class CDMPipeline:
                 dens = [bank.denoiser(c) for c in names]
                 joint = bank.joint(names) if adapter_mode == "joint" else None
             else:
-                dens = [unet_denoiser(load_unet(store, c, device)) for c in names]
+                unets = [load_unet(store, c, device) for c in names]
+                dens = [unet_denoiser(u) for u in unets]
+                joint = grouped_joint(Group(unets), dens) if grouped and len(unets) > 1 else None
             comp_router = None if paragon else cls._router(store, router, names, device)
             cfg = store.config
             return cls(names, dens, comp_router, store.labels(), store.label_counts(), scheduler_config(store, names[0]),
@@ -178,9 +185,11 @@ class CDMPipeline:
         return load_classifier(store, names, device)
 
     def __call__(self, n: int, label: str | list[str] | None = None, settings: SamplingSettings = SamplingSettings(),
-                 callback: Callable[[int, int], None] | None = None) -> Generation:
+                 callback: Callable[[int, int], None] | None = None, batcher: Batcher | None = None) -> Generation:
         """Sample n images. `label` is one label for all, a list with one per sample, or None
-        (unconditional). `callback(step, total)` runs after every step (it may raise to stop)."""
+        (unconditional). `callback(step, total)` runs after every step (it may raise to stop).
+        With `batcher` (inside its session), model calls are shared with other requests
+        sampling at the same time (cdm.batching); the images do not depend on the company."""
         per_sample, lids = self._labels(n, label)
         settings.check()
         if self.router is not None:
@@ -201,14 +210,15 @@ class CDMPipeline:
             cond = self.cond.null(b, dev) if lids is None else self.cond.encode(lids[start:start + b], dev)
             mix = None
             if self.router is None:
-                den = self.denoisers[0]
+                den = self.denoisers[0] if batcher is None else batched(batcher, self.denoisers[0])
             else:
                 prior = (_log_prior(self.hist, self.names, None, b) if lids is None else
                          torch.cat([_log_prior(self.hist, self.names, c, 1) for c in lids[start:start + b]]))
                 if cfg:
                     prior = torch.cat([prior, _log_prior(self.hist, self.names, None, b)])
+                joint = self.joint if batcher is None else batched_joint(batcher, self.denoisers)
                 den = mix = Mixture(self.denoisers, self.router, prior.to(dev), s.prune, s.commit, draws,
-                                    self.scheduler["num_train_timesteps"], self.joint, s.subset, copies=2 if cfg else 1)
+                                    self.scheduler["num_train_timesteps"], joint, s.subset, copies=2 if cfg else 1)
             if cfg:
                 den = guided(den, s.guidance, self.cond.null(b, dev))
             with torch.inference_mode():

@@ -7,7 +7,10 @@ registry snapshot, so a forget or a new compartment swaps in atomically: a reque
 the old models or the new ones, never a mix. Admission is bounded
 (503 when full, 429 past a key's share), slots go round-robin over keys, a request's
 deadline is honoured while queued and while sampling (504), and a client that hangs up
-frees its slot. What the service promises and how it is tested: docs/security.md.
+frees its slot. Requests sampling at the same time share their model calls (cdm.batching):
+each keeps its own seed, router state, guidance, deadline and attribution, and its images
+are the same bytes as when it runs alone. What the service promises and how it is tested:
+docs/security.md.
 """
 
 
@@ -35,6 +38,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, StringConstraints, create_model, field_validator
 from starlette.datastructures import MutableHeaders
 
+from .batching import Batcher
 from .data import LABEL_MAX, NAME_RE, check_label
 from .errors import CdmError, DataError
 from .forget import forget
@@ -45,7 +49,7 @@ from .routers import DEFAULT_ROUTER, ROUTER_SPECS, ROUTERS
 from .store import Store, StoreError
 
 KEY_HEADER = "X-API-Key"
-SERVED = ("steps", "guidance", "seed")  # the SamplingSettings a client may set (the rest: defaults)
+SERVED = ("steps", "guidance", "seed", "prune", "commit", "subset")  # the SamplingSettings a client may set
 log = logging.getLogger("cdm.serve")
 
 
@@ -55,11 +59,12 @@ class ServeConfig:
     max_steps: int = 100  # sampler steps per request
     max_body: int = 16_384  # bytes
     max_list: int = 256  # names in one request
-    workers: int = 1  # requests sampled at once
+    workers: int = 8  # requests sampled at once, their model calls batched together
     queue: int = 8  # requests waiting beyond those; more get 503
     per_key: int = 4  # requests one key may have admitted (running or waiting); more get 429
     deadline: float = 120.0  # seconds: the default and the cap of a request's deadline
     device: str = "cpu"
+    chunk: int = 16  # rows of every batched model call (fixed: a request's images do not depend on its company)
 
 
 class SampleOut(BaseModel):
@@ -268,6 +273,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     # Sampling runs on `workers` long-lived threads: torch keeps a team of compute threads per
     # calling thread, and a fresh caller per request leaves idle teams spinning on the cores.
     samplers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdm-sample")
+    batcher = Batcher(cfg.chunk)  # the model calls of all of them run on its one thread
     pipes = PipelineCache()
     reported: set[str] = set()
     with Store.open(store_path) as s:
@@ -303,6 +309,9 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
         steps=(int, Field(25, ge=1, le=cfg.max_steps, description="sampler steps")),
         guidance=(float, Field(1.0, ge=0, le=20, allow_inf_nan=False, description="classifier-free guidance scale")),
         seed=(int, Field(0, ge=0, le=2 ** 31 - 1)),
+        prune=(float | None, Field(None, ge=0, le=1000, allow_inf_nan=False, description=_help("prune"))),
+        commit=(float | None, Field(None, ge=0, le=1, allow_inf_nan=False, description=_help("commit"))),
+        subset=(int | None, Field(None, ge=1, le=cfg.max_list, description=_help("subset"))),
         router=(Literal[ROUTERS], Field(DEFAULT_ROUTER, description=(
             "how compartments are weighted: " + "; ".join(f"{s.name}: {s.summary}" for s in ROUTER_SPECS.values())
             + ". A policy may withhold a router"))),
@@ -354,7 +363,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
             await sched.acquire(who.key, deadline, cancel)
             try:
                 return await asyncio.get_running_loop().run_in_executor(
-                    samplers, functools.partial(_generate, store_path, pipes, req, want, deadline, cancel, cfg))
+                    samplers, functools.partial(_generate, store_path, pipes, batcher, req, want, deadline, cancel, cfg))
             finally:
                 sched.release()
         finally:
@@ -424,6 +433,10 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     return app
 
 
+def _help(name: str) -> str:
+    return SamplingSettings.__dataclass_fields__[name].metadata["help"]
+
+
 async def _watch(request: Request, cancel: threading.Event) -> None:
     """Set `cancel` when the client disconnects (queued or sampling, its work is then dropped)."""
     while not cancel.is_set():
@@ -433,7 +446,7 @@ async def _watch(request: Request, cancel: threading.Event) -> None:
         await asyncio.sleep(0.2)
 
 
-def _generate(store_path: Path, pipes: PipelineCache, req, names: list[str], deadline: float,
+def _generate(store_path: Path, pipes: PipelineCache, batcher: Batcher, req, names: list[str], deadline: float,
               cancel: threading.Event, cfg: ServeConfig) -> GenerateOut:
     def check(step: int, total: int) -> None:
         if cancel.is_set():
@@ -445,7 +458,8 @@ def _generate(store_path: Path, pipes: PipelineCache, req, names: list[str], dea
     with Store.open(store_path) as s:
         pipe = pipes.get(s, names, router=req.router, device=cfg.device)
     settings = SamplingSettings(**{k: getattr(req, k) for k in SERVED}, batch_size=cfg.max_n)
-    g = pipe(req.n, req.label, settings, callback=check)
+    with batcher.session():
+        g = pipe(req.n, req.label, settings, callback=check, batcher=batcher)
     out = []
     for i in range(req.n):
         img = g.images[i]

@@ -1,0 +1,86 @@
+"""Several models of one architecture evaluated in one call: their weights stacked and the
+forward pass vectorised over them (`torch.func.functional_call` + `vmap`; convolutions
+become one grouped convolution).
+
+With a handful of rows per model, a step of a K-model composition costs K calls, each
+mostly fixed per-call overhead; one grouped call pays that overhead once. The arithmetic
+is the same but the kernels differ, so results differ from separate calls in the last bits
+(about 1e-6). Used for dense steps only (sparse steps keep separate calls), and only as an
+option (`CDMPipeline.from_store(grouped=True)`, `cdm sample --grouped`). Its speed and FID
+change: bench/interactive.py, bench/grouped_fid.py and the README.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor
+from torch.func import functional_call, vmap
+
+from .denoisers import Cond, cond_rows
+
+
+class _GroupNorm(torch.nn.GroupNorm):
+    """GroupNorm written out, which vmap handles for any memory format (torch's own kernel
+    asks for the memory format, which vmap does not support)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], self.num_groups, -1)
+        var, mean = torch.var_mean(h, dim=-1, unbiased=False, keepdim=True)
+        h = ((h - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return h * self.weight.view(shape) + self.bias.view(shape)
+
+
+class Group:
+    """K UNets with one config, called as one: `group(x, t, cond)` with x (K, R, C, H, W)
+    (rows for each model), or `group.shared(x, t, cond)` with x (R, C, H, W) for all."""
+
+    def __init__(self, unets: list):
+        configs = {repr(sorted((k, v) for k, v in dict(u.config).items() if not k.startswith("_"))) for u in unets}
+        if len(configs) != 1:
+            raise ValueError("models of different architectures cannot be grouped")
+        with torch.no_grad():  # copies in the default memory format; the live (shared) models are untouched
+            self.params = {n: torch.stack([dict(u.named_parameters())[n].contiguous() for u in unets])
+                           for n, _ in unets[0].named_parameters()}
+            self.buffers = {n: torch.stack([dict(u.named_buffers())[n].contiguous() for u in unets])
+                            for n, _ in unets[0].named_buffers()}
+        skeleton = copy.deepcopy(unets[0]).to("meta")
+        for m in skeleton.modules():
+            if type(m) is torch.nn.GroupNorm:
+                m.__class__ = _GroupNorm
+            elif isinstance(m, Attention):  # plain attention: vmap has no batching rule for the fused CPU kernel
+                m.set_processor(AttnProcessor())
+
+        def one(p, b, x, t, c):
+            return functional_call(skeleton, (p, b), (x, t), {"class_labels": c}).sample
+
+        self._each = vmap(one)
+        self._shared = vmap(one, in_dims=(0, 0, None, None, None))
+        self.k = len(unets)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self._each(self.params, self.buffers, x, t, cond)
+
+    def shared(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self._shared(self.params, self.buffers, x, t, cond)
+
+
+def grouped_joint(group: Group, denoisers: list):
+    """A mixture's `joint` (cdm.mixture.Joint): the dense mixture (every model on every row)
+    in one grouped call. Sparse steps keep the per-model calls on just the kept rows: there a
+    grouped call would run every model on as many rows as the busiest one, which measured
+    slower (bench/interactive.py)."""
+
+    def run(x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
+        if keep is None:
+            return group.shared(x, t, cond).transpose(0, 1)  # (B, K, C, H, W)
+        out = x.new_zeros((x.shape[0], group.k, *x.shape[1:]))
+        for k, d in enumerate(denoisers):
+            rows = keep[:, k].nonzero().flatten()
+            if len(rows):
+                out[rows, k] = d(x[rows], t[rows], cond_rows(cond, rows))
+        return out
+
+    return run

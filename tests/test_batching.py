@@ -1,0 +1,130 @@
+"""Batching model calls across requests (cdm.batching): a request's bytes alone and batched,
+isolation of users' compartments, leaving mid-way, and the fixed-size chunks it relies on."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from cdm import api
+from cdm.batching import Batcher, chunked, model_key
+from cdm.denoisers import unet_denoiser
+from cdm.models import build_unet, unet_config
+from cdm.pipeline import CDMPipeline, SamplingSettings
+
+from .conftest import make_store
+
+
+class Recording(Batcher):
+    """A batcher that notes which models each thread's calls went to."""
+
+    def __init__(self, chunk: int):
+        super().__init__(chunk)
+        self.seen: dict[str, set[int]] = {}
+
+    def run(self, calls):
+        self.seen.setdefault(threading.current_thread().name, set()).update(id(model_key(d)) for d, *_ in calls)
+        return super().run(calls)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, digits):
+    s = make_store(tmp_path_factory.mktemp("batching") / "s", digits[:120], "iid:4")
+    api.train(s, paragon=True)
+    return s
+
+
+def test_a_row_does_not_depend_on_its_company_within_a_chunk():
+    den = unet_denoiser(build_unet(unet_config("small", 16, 1, 10), 0).eval())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 1, 16, 16, generator=gen)
+    t = torch.randint(0, 1000, (20,), generator=gen)
+    c = torch.randint(0, 11, (20,), generator=gen)
+    with torch.inference_mode():
+        alone = chunked(den, x[:3], t[:3], c[:3], 8)
+        order = torch.cat([torch.arange(5, 9), torch.arange(3), torch.arange(10, 20)])
+        crowd = chunked(den, x[order], t[order], c[order], 8)
+        assert torch.equal(crowd[4:7], alone)  # rows 0-2 at positions 4-6 among others
+        assert torch.equal(chunked(den, x, t, c, 8)[:3], alone)  # and at positions 0-2 of a full chunk
+
+
+def test_requests_give_the_same_bytes_alone_and_batched(store):
+    full = CDMPipeline.from_store(store, router="ito")
+    left = CDMPipeline.from_store(store, ["digits-0", "digits-1"], router="ito")
+    right = CDMPipeline.from_store(store, ["digits-2", "digits-3"], router="classifier")
+    paragon = CDMPipeline.from_store(store, paragon=True)
+    jobs = [(full, 4, "3", SamplingSettings(steps=8, seed=1)),
+            (left, 3, None, SamplingSettings(steps=6, seed=2, commit=0.0)),
+            (right, 2, "5", SamplingSettings(steps=8, seed=3, guidance=1.0, sampler="ddim")),
+            (paragon, 5, "1", SamplingSettings(steps=8, seed=4)),
+            (full, 3, "7", SamplingSettings(steps=5, seed=5, prune=2.0)),
+            (full, 2, None, SamplingSettings(steps=8, seed=6, subset=2))]
+    b = Recording(chunk=8)
+
+    def one(job):
+        pipe, n, label, settings = job
+        with b.session():
+            return pipe(n, label, settings, batcher=b)
+
+    alone = [one(job) for job in jobs]
+    assert b.shared == 0
+    got: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda i=i: got.update({i: one(jobs[i])}), name=f"req-{i}")
+               for i in range(len(jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert b.shared > 0  # requests did share rounds of model calls
+    for i, (a, g) in enumerate(zip(alone, (got[i] for i in range(len(jobs))))):
+        assert np.array_equal(a.images, g.images), i
+        assert a.compartments == g.compartments == jobs[i][0].names
+        if a.attribution is not None:
+            assert np.array_equal(a.attribution, g.attribution) and np.array_equal(a.final, g.final)
+        # each request's rows went only to the models of its own composition
+        assert b.seen[f"req-{i}"] <= {id(model_key(d)) for d in jobs[i][0].denoisers}
+    # and the plain (unbatched) path samples the same images here
+    assert np.array_equal(jobs[0][0](*jobs[0][1:]).images, alone[0].images)
+    b.close()
+
+
+def test_a_request_that_stops_does_not_stall_or_change_the_others(store):
+    pipe = CDMPipeline.from_store(store, router="ito")
+    b = Batcher(chunk=8)
+    settings = SamplingSettings(steps=10, seed=7)
+    with b.session():
+        alone = pipe(3, "2", settings, batcher=b)
+
+    def stop_at_3(step, total):
+        if step == 3:
+            raise TimeoutError("deadline")
+
+    out, errors = {}, []
+
+    def run(i):
+        try:
+            with b.session():
+                out[i] = pipe(3, "2", settings, callback=stop_at_3 if i == 0 else None, batcher=b)
+        except TimeoutError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not any(th.is_alive() for th in threads) and len(errors) == 1 and sorted(out) == [1, 2]
+    assert all(np.array_equal(out[i].images, alone.images) for i in (1, 2))
+    b.close()
+
+
+def test_batcher_refuses_calls_outside_a_session_and_bad_chunks(store):
+    with pytest.raises(ValueError, match="chunk"):
+        Batcher(chunk=0)
+    b = Batcher(chunk=4)
+    with pytest.raises(RuntimeError, match="session"):
+        CDMPipeline.from_store(store, paragon=True)(1, "1", SamplingSettings(steps=2), batcher=b)
+    b.close()
