@@ -67,7 +67,8 @@ def main() -> None:
     configs = [("paragon", ks[0], None, {})] + [
         (" ".join([f"cdm-{k} {r}", *(f"{a} {v:g}" for a, v in m.items())]), k, r, m)
         for k in ks for r in routers for m in settings]
-    labels = [str(i % 10) for i in range(n)]
+    names = list(stores[ks[0]].labels())  # every label in turn
+    labels = [names[i % len(names)] for i in range(n)]
     times: dict[str, list[float]] = {}
     evals: dict[str, float] = {}
     for rep in range(repeats + 1):  # the first round warms up and is not counted
@@ -86,7 +87,7 @@ def main() -> None:
     if args.fid:
         feats = Features(stores[ks[0]], cfg=ExtractorConfig(steps=100 if q else 600))
         real = feats(np.stack([it.pixels for it in reference_items(stores[ks[0]], args.real)]))[0]
-        fid_labels = [str(i % 10) for i in range(args.fid)]
+        fid_labels = [names[i % len(names)] for i in range(args.fid)]
         gen_feats = {}
         for name, k, router, m in configs:
             console.print(f"FID of {name}")
