@@ -6,8 +6,8 @@ With a handful of rows per model, a step of a K-model composition costs K calls,
 mostly fixed per-call overhead; one grouped call pays that overhead once. The arithmetic
 is the same but the kernels differ, so results differ from separate calls in the last bits
 (about 1e-6). Used for dense steps only (sparse steps keep separate calls), and only as an
-option (`CDMPipeline.from_store(grouped=True)`, `cdm sample --grouped`). Its speed and FID
-change: bench/interactive.py, bench/grouped_fid.py and the README.
+option (`CDMPipeline.from_store(grouped=True)`, `cdm sample --grouped`). Its speed:
+bench/interactive.py; its FID change: bench/sampling.py --sparse grouped=1 --fid N.
 """
 
 from __future__ import annotations
