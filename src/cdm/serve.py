@@ -306,7 +306,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
         "GenerateIn",
         n=(int, Field(4, ge=1, le=cfg.max_n, description="number of images")),
         label=(str | None, Field(None, max_length=LABEL_MAX, description="class label (default: unconditional)")),
-        steps=(int, Field(25, ge=1, le=cfg.max_steps, description="sampler steps")),
+        steps=(int, Field(min(25, cfg.max_steps), ge=1, le=cfg.max_steps, description="sampler steps")),
         guidance=(float, Field(1.0, ge=0, le=20, allow_inf_nan=False, description="classifier-free guidance scale")),
         seed=(int, Field(0, ge=0, le=2 ** 31 - 1)),
         prune=(float | None, Field(None, ge=0, le=1000, allow_inf_nan=False, description=_help("prune"))),
