@@ -18,7 +18,8 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from torch.func import functional_call, vmap
 
-from .denoisers import Cond, cond_rows
+from .denoisers import Cond
+from .mixture import separate
 
 
 class _GroupNorm(torch.nn.GroupNorm):
@@ -42,10 +43,10 @@ class Group:
         if len(configs) != 1:
             raise ValueError("models of different architectures cannot be grouped")
         with torch.no_grad():  # copies in the default memory format; the live (shared) models are untouched
-            self.params = {n: torch.stack([dict(u.named_parameters())[n].contiguous() for u in unets])
-                           for n, _ in unets[0].named_parameters()}
-            self.buffers = {n: torch.stack([dict(u.named_buffers())[n].contiguous() for u in unets])
-                            for n, _ in unets[0].named_buffers()}
+            params = [dict(u.named_parameters()) for u in unets]
+            buffers = [dict(u.named_buffers()) for u in unets]
+            self.params = {n: torch.stack([p[n].contiguous() for p in params]) for n in params[0]}
+            self.buffers = {n: torch.stack([b[n].contiguous() for b in buffers]) for n in buffers[0]}
         skeleton = copy.deepcopy(unets[0]).to("meta")
         for m in skeleton.modules():
             if type(m) is torch.nn.GroupNorm:
@@ -73,14 +74,11 @@ def grouped_joint(group: Group, denoisers: list):
     grouped call would run every model on as many rows as the busiest one, which measured
     slower (bench/interactive.py)."""
 
+    each = separate(denoisers)
+
     def run(x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
         if keep is None:
             return group.shared(x, t, cond).transpose(0, 1)  # (B, K, C, H, W)
-        out = x.new_zeros((x.shape[0], group.k, *x.shape[1:]))
-        for k, d in enumerate(denoisers):
-            rows = keep[:, k].nonzero().flatten()
-            if len(rows):
-                out[rows, k] = d(x[rows], t[rows], cond_rows(cond, rows))
-        return out
+        return each(x, t, cond, keep)
 
     return run

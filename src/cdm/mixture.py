@@ -22,6 +22,25 @@ from .sampler import Step
 Joint = Callable[[torch.Tensor, torch.Tensor, Cond, "torch.Tensor | None"], torch.Tensor]
 
 
+def separate(denoisers: list[Denoiser]) -> Joint:
+    """All denoisers at once by calling each in turn: on every row (keep None), or on just
+    the rows `keep` marks for it (zero elsewhere)."""
+
+    def run(x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
+        if keep is None:
+            return torch.stack([d(x, t, cond) for d in denoisers], dim=1)  # (B, K, C, H, W)
+        eps = x.new_zeros((x.shape[0], len(denoisers), *x.shape[1:]))
+        for k, d in enumerate(denoisers):
+            rows = keep[:, k].nonzero().flatten()
+            if len(rows) == len(x):
+                eps[:, k] = d(x, t, cond)
+            elif len(rows):
+                eps[rows, k] = d(x[rows], t[rows], cond_rows(cond, rows))
+        return eps
+
+    return run
+
+
 class Mixture:
     """eps = sum_i w_i eps_i over `denoisers`, weighted per row by `router`.
 
@@ -49,7 +68,8 @@ class Mixture:
       like `commit`, which is the case m = 1 at the first step), while a few compartments
       still share the high-noise steps where averaging predictions pays.
     With all three None every compartment is evaluated: the dense mixture, bit for bit.
-    `joint`, if given, evaluates all denoisers in one call (adapters on one base).
+    `joint`, if given, evaluates all denoisers in one call (adapters on one base); by default
+    each is called in turn (`separate`).
     """
 
     def __init__(self, denoisers: list[Denoiser], router: Router, log_prior: torch.Tensor,
@@ -68,7 +88,8 @@ class Mixture:
             raise ValueError(f"subset must be a number of compartments >= 1 or None, got {subset!r}")
         if copies < 1 or log_prior.shape[0] % copies:
             raise ValueError(f"{log_prior.shape[0]} prior rows are not {copies} copies of the samples")
-        self.denoisers, self.router, self.spec, self.prune, self.joint = denoisers, router, spec(router), prune, joint
+        self.denoisers, self.router, self.spec, self.prune = denoisers, router, spec(router), prune
+        self.joint = joint or separate(denoisers)
         self.subset, self.log_prior, self.copies = subset, log_prior, copies
         self.samples = log_prior.shape[0] // copies  # rows of one copy
         self.commit_t = None if commit is None else (1 - commit) * (num_train_timesteps - 1)
@@ -87,26 +108,13 @@ class Mixture:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         if not self.sparse:
-            if self.joint is not None:
-                eps = self.joint(x, t, cond, None)
-            else:
-                eps = torch.stack([d(x, t, cond) for d in self.denoisers], dim=1)  # (B, K, C, H, W)
+            eps = self.joint(x, t, cond, None)
             w = self.router.weights(self.state, x, t, cond)
             self.evaluations += x.shape[0] * len(self.denoisers)
-        elif self.joint is not None:
+        else:
             w, keep = self._sparse_weights(x, t, cond)
             eps = self.joint(x, t, cond, keep)
             self.evaluations += int(keep.sum())
-        else:
-            w, keep = self._sparse_weights(x, t, cond)
-            eps = x.new_zeros((x.shape[0], len(self.denoisers), *x.shape[1:]))
-            for k, d in enumerate(self.denoisers):
-                rows = keep[:, k].nonzero().flatten()
-                if len(rows) == len(x):
-                    eps[:, k] = d(x, t, cond)
-                elif len(rows):
-                    eps[rows, k] = d(x[rows], t[rows], cond_rows(cond, rows))
-                self.evaluations += len(rows)
         self.last_weights, self._last = w, (x, eps)
         wf = w.to(eps.dtype)
         out = wf[:, 0, None, None, None] * eps[:, 0]
