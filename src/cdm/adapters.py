@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .denoisers import cond_rows, unet_inputs
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name for an adapter's weights
 
 # resnet convolutions and time projections, attention projections, the label embedding
@@ -137,16 +139,16 @@ class AdapterBank:
                 for h in handles:
                     h.remove()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond, adapter_names: list[str]) -> torch.Tensor:
         with self._rows(adapter_names):
-            return self.unet(x, t, class_labels=labels).sample
+            return self.unet(x, t, **unet_inputs(cond)).sample
 
     def denoiser(self, name: str):
         """One adapter under the denoiser calling convention (cdm.denoisers)."""
         if name not in self.names:
             raise KeyError(name)
-        def eps(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return self.forward(x, t, labels, [name] * x.shape[0])
+        def eps(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+            return self.forward(x, t, cond, [name] * x.shape[0])
 
         eps.key = (self, name)  # calls on the same adapter may share a batch (cdm.batching)
         return eps
@@ -154,12 +156,12 @@ class AdapterBank:
     def joint(self, names: list[str]):
         """eps of every (row, adapter) pair marked in `keep` (rows, K), in one batched call."""
 
-        def run(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        def run(x: torch.Tensor, t: torch.Tensor, cond, keep: torch.Tensor | None) -> torch.Tensor:
             rows, cols = (keep if keep is not None else torch.ones(len(x), len(names), dtype=torch.bool)).nonzero(
                 as_tuple=True)
             out = x.new_zeros((x.shape[0], len(names), *x.shape[1:]))
             if len(rows):
-                eps = self.forward(x[rows], t[rows], labels[rows], [names[int(c)] for c in cols])
+                eps = self.forward(x[rows], t[rows], cond_rows(cond, rows), [names[int(c)] for c in cols])
                 out[rows, cols] = eps
             return out
 

@@ -12,7 +12,8 @@ Sampling many times from one composition: `api.CDMPipeline.from_store(...)` load
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict
+import uuid
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from diffusers import UNet2DModel
@@ -28,9 +29,11 @@ from .models import default_preset, unet_config
 from .pipeline import ADAPTER_MODES, CDMPipeline, Generation, SamplingSettings  # noqa: F401 (re-exported)
 from .plan import build_job, model_state, train_plan  # noqa: F401 (re-exported)
 from .policy import Policy, store_policy
-from .recipes import adapter_config, model_seed, null_label, router_config, train_config  # noqa: F401
+from .recipes import adapter_config, model_seed, null_label, router_config, text_config, train_config  # noqa: F401
+from . import text
 from .routers import DEFAULT_ROUTER
 from .store import BASE, PARAGON, ROUTER, Store, StoreConfig, StoreError, file_digest
+from .text import TextConfig, TextEncoder, build_default, check_folder
 from .train import WEIGHTS, RouterConfig, TrainConfig, recipe_fields
 
 plan = train_plan  # the models `train` would (re)train, in order
@@ -78,6 +81,41 @@ def set_adapters(store: Store, public: list[str] | None = None, base_from: str |
         return cfg
 
 
+def set_text(store: Store, encoder: str | Path | None = None, off: bool = False,
+             actor: str | None = None) -> TextConfig | None:
+    """Condition every denoiser on its items' captions through a frozen text encoder: the one in
+    folder `encoder` (its `text_encoder/` and `tokenizer/`, e.g. a Stable Diffusion folder) or,
+    by default, the embedded data-free encoder (cdm.text). `off` goes back to class labels.
+    Every stored caption must fit the encoder (the error names each item that does not, and
+    nothing changes). Changing this makes every model stale; `cdm train` rebuilds them."""
+    with store.writing("text"):
+        cfg = None
+        if not off:
+            tmp = None
+            if encoder is None:
+                tmp = store.root / f".tmp-text-default-{uuid.uuid4().hex}"
+                encoder = build_default(tmp)
+            try:
+                cfg = check_folder(Path(encoder))
+                if tmp is not None:
+                    cfg = replace(cfg, source="default")
+                enc = TextEncoder(Path(encoder))
+                caps = store.captions()
+                bad = [f"item {h[:12]}: {enc.too_long(c, n, 'caption')}"
+                       for (h, c), n in zip(caps.items(), enc.lengths(list(caps.values()))) if n > enc.max_length]
+                if bad:
+                    raise StoreError(f"{len(bad)} caption(s) do not fit the text encoder, nothing changed:\n  "
+                                     + "\n  ".join(bad[:20]))
+                text.install(Path(encoder), store.root / "text", cfg.digest)
+            finally:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        with store.tx() as db:
+            store.set_meta(db, "text", None if cfg is None else asdict(cfg))
+            store.log(db, "config", {"text": None if cfg is None else asdict(cfg)}, actor)
+        return cfg
+
+
 def _check_base_folder(store: Store, folder: Path) -> str:
     """Validate a diffusers UNet2DModel folder as a base for this store; returns its weights digest."""
     f = folder / WEIGHTS
@@ -109,13 +147,14 @@ def _install_base(store: Store, folder: Path, digest: str) -> None:
 def sample(store: Store, n: int, label: str | list[str] | None = None, allow: list[str] | None = None,
            router: str = DEFAULT_ROUTER, *, paragon: bool = False, user: str | None = None,
            policy: Policy | None = None, adapter_mode: str = "merged", grouped: bool = False, device: str = "cpu",
-           callback=None, **settings) -> Generation:
+           callback=None, prompt: str | list[str] | None = None, **settings) -> Generation:
     """Sample n images from the composition of `allow` (default: every compartment) in one call:
     `CDMPipeline.from_store(...)` then a call with `SamplingSettings(**settings)` (steps,
-    guidance, sampler, seed, prune, commit, subset, batch_size)."""
+    guidance, sampler, seed, prune, commit, subset, batch_size). A text-conditioned store
+    takes `prompt` instead of `label`."""
     pipe = CDMPipeline.from_store(store, allow, user=user, policy=policy, router=router, paragon=paragon,
                                   adapter_mode=adapter_mode, grouped=grouped, device=device)
-    return pipe(n, label, SamplingSettings(**settings), callback)
+    return pipe(n, label, SamplingSettings(**settings), callback, prompt=prompt)
 
 
 # --- status -----------------------------------------------------------------------------
@@ -150,8 +189,9 @@ def status(store: Store) -> dict:
             users[u]["missing"] = missing[u]  # names that grant nothing (forgotten or never ingested)
     a = adapter_config(store)
     adapters = None if a is None else dict(asdict(a), public=list(a.public), base=model_state(store, BASE))
+    t = text_config(store)
     return dict(store=str(store.root), config=asdict(cfg), train=recipe_fields(train_config(store)), policy=users or None,
-                adapters=adapters,
+                adapters=adapters, text=None if t is None else asdict(t),
                 sources=store.sources(), items=sum(counts.values()), labels=hist_all, compartments=comps,
                 paragon=models[PARAGON], router=dict(
                     **models[ROUTER],

@@ -208,6 +208,29 @@ def adapters(store: Path, public: Optional[list[str]] = typer.Option(None, help=
             out.print(f"compartments are LoRA adapters (rank {a.rank}, alpha {a.alpha:g}) on a base model {base}")
 
 
+@app.command()
+def text(store: Path, encoder: Optional[Path] = typer.Option(None, help="Folder with text_encoder/ and tokenizer/ "
+                                                                      "(CLIPTextModel + CLIPTokenizer, e.g. a Stable "
+                                                                      "Diffusion folder); default: the embedded "
+                                                                      "data-free encoder."),
+         off: bool = typer.Option(False, "--off", help="Back to class-label conditioning."),
+         show: bool = typer.Option(False, "--show", help="Only print the current setting."),
+         json_out: bool = typer.Option(False, "--json")) -> None:
+    """Condition every denoiser on its items' captions through a frozen text encoder (sample with
+    --prompt). Every model becomes stale; `cdm train` rebuilds them."""
+    with _open(store) as s:
+        if off and encoder is not None:
+            _fail("--off takes no --encoder")
+        t = api.text_config(s) if show else api.set_text(s, encoder, off)
+    _emit(None if t is None else asdict(t), json_out)
+    if not json_out:
+        if t is None:
+            out.print("denoisers are conditioned on class labels")
+        else:
+            out.print(f"denoisers are conditioned on captions: text encoder {escape(t.source)} ({t.digest[:12]}, "
+                      f"{t.max_length} tokens, width {t.dim})")
+
+
 def sampling_options(fn):
     """Give a command one --option per `SamplingSettings` field (its default, type and help come
     from the dataclass); the command receives them as `settings`."""
@@ -233,6 +256,9 @@ def sampling_options(fn):
 @sampling_options
 def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."),
            label: Optional[str] = typer.Option(None, help="Class label (default: unconditional)."),
+           prompt: Optional[str] = typer.Option(None, help="Prompt of every sample (text-conditioned stores)."),
+           prompts: Optional[Path] = typer.Option(None, help="File of prompts, one per line: -n of each "
+                                                           "(text-conditioned stores)."),
            allow: Optional[str] = typer.Option(None, help="Comma-separated compartments to compose (default: all)."),
            router: str = typer.Option(DEFAULT_ROUTER, help=f"Router: {router_help()}."),
            paragon: bool = typer.Option(False, help="Sample the paragon instead."),
@@ -248,19 +274,31 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
     """Sample from a composition of compartments, with per-sample attribution."""
     with _open(store) as s:
         allowed = None if allow is None else [a.strip() for a in allow.split(",") if a.strip()]
+        if prompt is not None and prompts is not None:
+            _fail("give --prompt or --prompts, not both")
+        asked = prompt
+        if prompts is not None:
+            try:
+                lines = [ln.strip() for ln in prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                _fail(f"cannot read prompts file {prompts}: {e}")
+            if not lines:
+                _fail(f"prompts file {prompts} holds no prompt")
+            asked = [p for p in lines for _ in range(n)]
         pipe = CDMPipeline.from_store(s, allowed, user=user, policy=Policy.load(policy) if policy else None,
                                       router=router, paragon=paragon, adapter_mode=adapter_mode, grouped=grouped,
                                       device=device)
-        g = pipe(n, label, settings)
+        g = pipe(len(asked) if isinstance(asked, list) else n, label, settings, prompt=asked)
         files, grid = write_samples(g.images, out_dir)
         recs = g.records(files)
     _emit({"grid": grid, "compartments": g.compartments, "router": g.router, "samples": recs}, json_out)
     if not json_out:
-        out.print(f"wrote {n} sample(s) and {grid}")
+        out.print(f"wrote {len(g.images)} sample(s) and {grid}")
         if g.attribution is not None:
-            t = Table("sample", "label", *g.compartments, title="attribution (trajectory-averaged weights)")
+            what = "prompt" if g.prompts is not None else "label"
+            t = Table("sample", what, *g.compartments, title="attribution (trajectory-averaged weights)")
             for r in recs[:20]:
-                t.add_row(str(r["index"]), str(r["label"]), *[f"{w:.3f}" for w in r["attribution"].values()])
+                t.add_row(str(r["index"]), escape(str(r[what])), *[f"{w:.3f}" for w in r["attribution"].values()])
             out.print(t)
 
 
@@ -288,6 +326,8 @@ def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
         out.print(f"adapters: rank {a['rank']} on a base model "
                   + (f"trained on public source(s) {', '.join(a['public'])}" if a["public"] else "imported")
                   + f": {a['base']}")
+    if st["text"]:
+        out.print(f"conditioned on captions: text encoder {escape(st['text']['source'])} ({st['text']['digest'][:12]})")
     if st["policy"]:
         out.print("store policy: " + escape("; ".join(f"{u}: {', '.join(r['compartments']) or '(nothing)'}"
                                                       for u, r in st["policy"].items())))

@@ -3,9 +3,9 @@
     denoiser(x, t, cond) -> eps
 
 `x` is (B, C, H, W), `t` a (B,) long tensor of training timesteps, and `cond` whatever
-the model is conditioned on, batch first: a (B,) long tensor of class-label ids today
-(the null id for "no label"), a dict of tensors (say text embeddings and their mask)
-next. A composition of denoisers (`cdm.mixture.Mixture`) and classifier-free guidance
+the model is conditioned on, batch first: a (B,) long tensor of class-label ids (the
+null id for "no label"), or a dict of tensors: {"text": (B, L, D)} prompt embeddings in a
+text-conditioned store (cdm.text; the empty prompt is the null condition). A composition of denoisers (`cdm.mixture.Mixture`) and classifier-free guidance
 (`guided`) are themselves denoisers, so they nest (docs/architecture.md, "Sampling").
 """
 
@@ -48,11 +48,17 @@ class ClassLabels:
         return torch.full((rows,), self.null_id, dtype=torch.long, device=device)
 
 
-def unet_denoiser(unet) -> Denoiser:
-    """A diffusers UNet2DModel with class embeddings, under the calling convention."""
+def unet_inputs(cond: Cond) -> dict:
+    """A condition as a diffusers UNet's keyword arguments: class labels (UNet2DModel), or the
+    prompt embeddings a UNet2DConditionModel cross-attends to."""
+    return {"encoder_hidden_states": cond["text"]} if isinstance(cond, dict) else {"class_labels": cond}
 
-    def eps(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return unet(x, t, class_labels=cond).sample
+
+def unet_denoiser(unet) -> Denoiser:
+    """A diffusers UNet (class- or text-conditioned) under the calling convention."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return unet(x, t, **unet_inputs(cond)).sample
 
     eps.key = unet  # calls on the same model may share a batch (cdm.batching)
     return eps

@@ -16,9 +16,11 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 from .adapters import ADAPTER_WEIGHTS, AdapterBank, merged
-from .models import RouterNet
+from .models import RouterNet, unet_class
+from .recipes import text_config, text_dir
 from .routers import ClassifierRouter
 from .store import BASE, ROUTER, NotReady, Store, StoreError, file_digest
+from .text import load_encoder
 from .train import WEIGHTS
 
 UNET_CACHE = 32  # models kept in memory across calls, keyed by folder, weights digest and device
@@ -46,7 +48,8 @@ def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
         return _cached(key, lambda: merged(base, adapter, _adapter_weights(folder))
                        .to(device, memory_format=torch.channels_last))
     key = (str(folder.resolve()), row.digest, str(device))
-    return _cached(key, lambda: UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
+    cls = unet_class(UNet2DModel.load_config(folder))
+    return _cached(key, lambda: cls.from_pretrained(folder, low_cpu_mem_usage=False)
                    .to(device, memory_format=torch.channels_last).eval().requires_grad_(False))
 
 
@@ -72,6 +75,12 @@ def load_classifier(store: Store, names: list[str], device: str = "cpu") -> Clas
     net = RouterNet.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
     classes = list(net.config.compartments)
     return ClassifierRouter(net, [classes.index(c) for c in names])
+
+
+def load_text(store: Store, device: str = "cpu"):
+    """The store's frozen text encoder (checked against its digest), or None for a class-conditional store."""
+    config = text_config(store)
+    return None if config is None else load_encoder(text_dir(store, config), config.digest, device)
 
 
 def scheduler_config(store: Store, name: str) -> dict:

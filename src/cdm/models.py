@@ -1,13 +1,15 @@
-"""Denoiser presets (diffusers UNet2DModel configs) and the classifier router network.
+"""Denoiser presets (diffusers UNet configs) and the classifier router network.
 
-Every denoiser is class-conditional with one extra "null" class (id = max_labels) used for
-label dropout and classifier-free guidance (Ho & Salimans 2022).
+A denoiser is class-conditional (UNet2DModel) with one extra "null" class (id = max_labels)
+used for label dropout and classifier-free guidance (Ho & Salimans 2022); in a
+text-conditioned store it is a UNet2DConditionModel that cross-attends to the prompt's
+embeddings, the same preset with cross-attention where the preset has attention.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import ModelMixin, UNet2DModel
+from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
@@ -46,11 +48,31 @@ def unet_config(preset: str, image_size: int, channels: int, max_labels: int) ->
                 num_class_embeds=max_labels + 1, **p)
 
 
-def build_unet(config: dict, seed: int) -> UNet2DModel:
+def text_unet_config(preset: str, image_size: int, channels: int, text_dim: int) -> dict:
+    """The preset as a text-conditioned UNet2DConditionModel: attention blocks become
+    cross-attention blocks (a preset without attention gets one at its coarsest level)."""
+    conf = unet_config(preset, image_size, channels, 0)
+    del conf["num_class_embeds"]
+    down, up = list(conf["down_block_types"]), list(conf["up_block_types"])
+    if "AttnDownBlock2D" not in down:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    heads = conf.pop("attention_head_dim", 4)
+    return dict(conf, down_block_types=tuple("CrossAttnDownBlock2D" if b == "AttnDownBlock2D" else b for b in down),
+                up_block_types=tuple("CrossAttnUpBlock2D" if b == "AttnUpBlock2D" else b for b in up),
+                attention_head_dim=heads, cross_attention_dim=text_dim)
+
+
+def unet_class(config: dict) -> type:
+    """UNet2DConditionModel for a text-conditioned config, else UNet2DModel."""
+    text = config.get("cross_attention_dim") is not None or config.get("_class_name") == "UNet2DConditionModel"
+    return UNet2DConditionModel if text else UNet2DModel
+
+
+def build_unet(config: dict, seed: int) -> UNet2DModel | UNet2DConditionModel:
     """A freshly initialised UNet whose weights depend only on (config, seed)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DModel(**config)
+        return unet_class(config)(**config)
 
 
 def build_router(config: dict, seed: int) -> "RouterNet":
@@ -68,12 +90,14 @@ class RouterNet(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, compartments: list[str], image_size: int = 8, in_channels: int = 1,
-                 num_class_embeds: int = 17, width: int = 32, num_train_timesteps: int = 1000):
+                 num_class_embeds: int = 17, width: int = 32, num_train_timesteps: int = 1000,
+                 text_dim: int | None = None):
         super().__init__()
         emb = 4 * width
         self.time_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_emb = TimestepEmbedding(width, emb)
-        self.label_emb = nn.Embedding(num_class_embeds, emb)
+        # the condition: a label embedding, or (text stores) the prompt's mean embedding projected
+        self.label_emb = nn.Embedding(num_class_embeds, emb) if text_dim is None else nn.Linear(text_dim, emb)
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
         self.blocks = nn.ModuleList()
         self.films = nn.ModuleList()
@@ -87,8 +111,10 @@ class RouterNet(ModelMixin, ConfigMixin):
         self.head = nn.Sequential(nn.GroupNorm(8, c_in), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                   nn.Linear(c_in, len(compartments)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        e = self.time_emb(self.time_proj(t).to(x.dtype)) + self.label_emb(labels)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """cond: label ids (B,), or {"text": (B, L, D)} in a text-conditioned store."""
+        c = cond["text"].mean(dim=1) if isinstance(cond, dict) else cond
+        e = self.time_emb(self.time_proj(t).to(x.dtype)) + self.label_emb(c)
         e = nn.functional.silu(e)
         h = self.conv_in(x)
         for block, film in zip(self.blocks, self.films):

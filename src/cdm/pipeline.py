@@ -27,14 +27,15 @@ from .batching import Batcher, batched, batched_joint
 from .data import to_uint8_images
 from .denoisers import ClassLabels, guided, unet_denoiser
 from .grouped import Group, grouped_joint
-from .loading import load_bank, load_classifier, load_unet, register_holder, scheduler_config
+from .loading import load_bank, load_classifier, load_text, load_unet, register_holder, scheduler_config
 from .mixture import Mixture
 from .plan import model_state
 from .policy import Policy, store_policy
-from .recipes import adapter_config, null_label
+from .recipes import adapter_config, null_label, text_config
 from .routers import DEFAULT_ROUTER, ROUTERS, check_sampler, spec
 from .sampler import SAMPLERS, make_scheduler, sample
 from .store import BASE, PARAGON, ROUTER, NotReady, Store, StoreError
+from .text import Prompts
 
 ADAPTER_MODES = ("merged", "loop", "joint")
 
@@ -86,11 +87,14 @@ class Generation:
     trace: np.ndarray | None  # (steps, N, K) weights at every step
     router: str | None
     evaluations: int = 0  # model evaluations (rows x models x steps, CFG rows included)
+    prompts: list[str] | None = None  # text-conditioned stores: each sample's prompt
 
     def records(self, files: list[str] | None = None) -> list[dict]:
         out = []
         for i, lab in enumerate(self.labels):
             r = {"index": i, "label": lab}
+            if self.prompts is not None:
+                r = {"index": i, "prompt": self.prompts[i]}
             if files:
                 r["file"] = files[i]
             if self.attribution is not None:
@@ -104,7 +108,7 @@ class CDMPipeline:
     """A loaded composition (or the paragon). Call it to sample; it is safe to share across threads."""
 
     def __init__(self, names: list[str], denoisers: list, router, labels: dict[str, int],
-                 hist: dict, scheduler: dict, cond: ClassLabels, shape: tuple[int, int, int],
+                 hist: dict, scheduler: dict, cond: ClassLabels | Prompts, shape: tuple[int, int, int],
                  device: str = "cpu", joint=None):
         self.names, self.denoisers, self.router, self.joint = names, denoisers, router, joint
         self.labels, self.hist, self.scheduler, self.cond = labels, hist, scheduler, cond
@@ -113,6 +117,11 @@ class CDMPipeline:
     @property
     def paragon(self) -> bool:
         return self.router is None
+
+    @property
+    def text(self) -> bool:
+        """Conditioned on prompts (a text store, `cdm text`) rather than class labels."""
+        return isinstance(self.cond, Prompts)
 
     @classmethod
     def from_store(cls, store: Store, allow: list[str] | None = None, *, user: str | None = None,
@@ -131,6 +140,8 @@ class CDMPipeline:
             raise StoreError(f"unknown adapter mode {adapter_mode!r}; available: {', '.join(ADAPTER_MODES)}")
         if grouped and adapter_mode != "merged":
             raise StoreError(f"grouped calls need full or merged models, not adapter mode {adapter_mode!r}")
+        if grouped and text_config(store) is not None:
+            raise StoreError("grouped calls need class-conditional models; this store is text-conditioned")
         with store.snapshot():  # one registry snapshot: old models or new ones, never a mix
             if user is not None:
                 policy = policy or store_policy(store)
@@ -157,9 +168,10 @@ class CDMPipeline:
                 dens = [unet_denoiser(u) for u in unets]
                 joint = grouped_joint(Group(unets), dens) if grouped and len(unets) > 1 else None
             comp_router = None if paragon else cls._router(store, router, names, device)
-            cfg = store.config
+            cfg, encoder = store.config, load_text(store, device)
+            cond = ClassLabels(null_label(store)) if encoder is None else Prompts(encoder)
             return cls(names, dens, comp_router, store.labels(), store.label_counts(), scheduler_config(store, names[0]),
-                       ClassLabels(null_label(store)), (cfg.channels, cfg.image_size, cfg.image_size), device, joint)
+                       cond, (cfg.channels, cfg.image_size, cfg.image_size), device, joint)
 
     @staticmethod
     def _composed(store: Store, allow: list[str] | None) -> list[str]:
@@ -185,12 +197,15 @@ class CDMPipeline:
         return load_classifier(store, names, device)
 
     def __call__(self, n: int, label: str | list[str] | None = None, settings: SamplingSettings = SamplingSettings(),
-                 callback: Callable[[int, int], None] | None = None, batcher: Batcher | None = None) -> Generation:
-        """Sample n images. `label` is one label for all, a list with one per sample, or None
-        (unconditional). `callback(step, total)` runs after every step (it may raise to stop).
-        With `batcher` (inside its session), model calls are shared with other requests
-        sampling at the same time (cdm.batching); the images do not depend on the company."""
-        per_sample, lids = self._labels(n, label)
+                 callback: Callable[[int, int], None] | None = None, batcher: Batcher | None = None,
+                 prompt: str | list[str] | None = None) -> Generation:
+        """Sample n images. `label` (class-conditional stores) or `prompt` (text-conditioned
+        stores) is one for all, a list with one per sample, or None (unconditional: the null
+        label, or the empty prompt). `callback(step, total)` runs after every step (it may raise
+        to stop). With `batcher` (inside its session), model calls are shared with other
+        requests sampling at the same time (cdm.batching); the images do not depend on the company."""
+        prompts = self._prompts(n, label, prompt)
+        per_sample, lids = self._labels(n, label) if prompts is None else ([None] * n, None)
         settings.check()
         if self.router is not None:
             try:
@@ -201,13 +216,16 @@ class CDMPipeline:
         gen = torch.Generator().manual_seed(s.seed)
         noise_all = torch.randn((n, *self.shape), generator=gen)
         draws = torch.Generator().manual_seed(s.seed + 0x5EED)  # compartment draws of `commit` and `subset`
-        cfg = lids is not None and s.guidance != 1.0  # conditional and null rows
+        cfg = (lids is not None or bool(prompts)) and s.guidance != 1.0  # conditional and null rows
         hooks = [] if callback is None else [lambda step: callback(step.i + 1, step.total)]
         images, att, fin, trace, evals = [], [], [], [], 0
         for start in range(0, n, s.batch_size):
             noise = noise_all[start:start + s.batch_size].to(dev)
             b = noise.shape[0]
-            cond = self.cond.null(b, dev) if lids is None else self.cond.encode(lids[start:start + b], dev)
+            if prompts:
+                cond = self.cond.encode(prompts[start:start + b], dev)
+            else:
+                cond = self.cond.null(b, dev) if lids is None else self.cond.encode(lids[start:start + b], dev)
             mix = None
             if self.router is None:
                 den = self.denoisers[0] if batcher is None else batched(batcher, self.denoisers[0])
@@ -233,7 +251,29 @@ class CDMPipeline:
                 trace.append(weights.numpy())
         cat = (lambda xs, ax=0: np.concatenate(xs, axis=ax) if xs else None)
         return Generation(np.concatenate(images), per_sample, self.names, cat(att), cat(fin), cat(trace, 1),
-                          None if self.router is None else self.router.name, evals)
+                          None if self.router is None else self.router.name, evals,
+                          (prompts or [""] * n) if self.text else None)
+
+    def _prompts(self, n: int, label, prompt) -> list[str] | None:
+        """Each sample's prompt (text stores; [] when unconditional), or None (class-conditional)."""
+        if not self.text:
+            if prompt is not None:
+                raise StoreError("this store is class-conditional: give a label, not a prompt "
+                                 "(`cdm text` conditions a captioned store on prompts)")
+            return None
+        if label is not None:
+            raise StoreError("this store is text-conditioned: give a prompt, not a label")
+        if n <= 0:
+            raise StoreError(f"n must be positive, got {n}")
+        if prompt is None:
+            return []
+        per_sample = [prompt] * n if isinstance(prompt, str) else list(prompt)
+        if len(per_sample) != n:
+            raise StoreError(f"got {len(per_sample)} prompts for n={n} samples")
+        if any(not isinstance(p, str) for p in per_sample):
+            raise StoreError("a prompt must be text")
+        self.cond.encoder.check(list(dict.fromkeys(per_sample)))
+        return per_sample
 
     def _labels(self, n: int, label) -> tuple[list[str | None], list[int] | None]:
         if n <= 0:

@@ -1,6 +1,6 @@
 """The store's recipes as typed configs: how every model in it is built.
 
-Saved in the registry's meta at `cdm init` (training, router) and `cdm adapters`; read here
+Saved in the registry's meta at `cdm init` (training, router), `cdm adapters` and `cdm text`; read here
 and nowhere else. Seeds are pure functions of the store seed and a model's name.
 """
 
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 
+from pathlib import Path
+
 from .adapters import AdapterConfig
 from .store import Store
+from .text import TextConfig
 from .train import RouterConfig, TrainConfig
 
 
@@ -25,6 +28,17 @@ def adapter_config(store: Store) -> AdapterConfig | None:
     """The store's adapter settings, or None when every compartment is a full model."""
     a = store.get_meta("adapter")
     return None if a is None else AdapterConfig(**{**a, "public": tuple(a["public"])})
+
+
+def text_config(store: Store) -> TextConfig | None:
+    """The store's text conditioning (`cdm text`), or None when it is class-conditional."""
+    t = store.get_meta("text")
+    return None if t is None else TextConfig(**t)
+
+
+def text_dir(store: Store, config: TextConfig) -> Path:
+    """Where the store keeps its text encoder folder."""
+    return store.root / "text" / config.digest
 
 
 def model_seed(store: Store, name: str) -> int:

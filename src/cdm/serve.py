@@ -39,12 +39,12 @@ from pydantic import BaseModel, Field, StringConstraints, create_model, field_va
 from starlette.datastructures import MutableHeaders
 
 from .batching import Batcher
-from .data import LABEL_MAX, NAME_RE, check_label
+from .data import CAPTION_MAX, LABEL_MAX, NAME_RE, check_label
 from .errors import CdmError, DataError
 from .forget import forget
 from .pipeline import PipelineCache, SamplingSettings
 from .policy import Policy, hash_key
-from .recipes import train_config
+from .recipes import text_config, train_config
 from .routers import DEFAULT_ROUTER, ROUTER_SPECS, ROUTERS
 from .store import Store, StoreError
 
@@ -70,6 +70,7 @@ class ServeConfig:
 class SampleOut(BaseModel):
     png_base64: str
     label: str | None
+    prompt: str | None = None
     attribution: dict[str, float] | None = Field(None, description="trajectory-averaged router weight per compartment")
 
 
@@ -84,6 +85,7 @@ class CompartmentsOut(BaseModel):
     user: str
     compartments: list[str]
     labels: list[str]
+    text: bool = Field(False, description="the store is text-conditioned: requests give a prompt, not a label")
 
 
 Name = Annotated[str, StringConstraints(pattern=NAME_RE.pattern)]
@@ -306,6 +308,8 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
         "GenerateIn",
         n=(int, Field(4, ge=1, le=cfg.max_n, description="number of images")),
         label=(str | None, Field(None, max_length=LABEL_MAX, description="class label (default: unconditional)")),
+        prompt=(str | None, Field(None, max_length=CAPTION_MAX, description=(
+            "text-conditioned stores: the prompt of every image (default: the empty prompt, unconditional)"))),
         steps=(int, Field(min(25, cfg.max_steps), ge=1, le=cfg.max_steps, description="sampler steps")),
         guidance=(float, Field(1.0, ge=0, le=20, allow_inf_nan=False, description="classifier-free guidance scale")),
         seed=(int, Field(0, ge=0, le=2 ** 31 - 1)),
@@ -343,7 +347,9 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     @app.get("/v1/compartments", response_model=CompartmentsOut)
     def compartments(who: Caller = Depends(caller)) -> CompartmentsOut:
         mine, labels = view(who.user)
-        return CompartmentsOut(user=who.user, compartments=mine, labels=labels)
+        with Store.open(store_path) as s:
+            text = text_config(s) is not None
+        return CompartmentsOut(user=who.user, compartments=mine, labels=[] if text else labels, text=text)
 
     @app.post("/v1/generate", response_model=GenerateOut, responses={
         401: {"description": "missing or unknown key"}, 403: {"description": "a compartment or router you may not use"},
@@ -459,14 +465,15 @@ def _generate(store_path: Path, pipes: PipelineCache, batcher: Batcher, req, nam
         pipe = pipes.get(s, names, router=req.router, device=cfg.device)
     settings = SamplingSettings(**{k: getattr(req, k) for k in SERVED}, batch_size=cfg.max_n)
     with batcher.session():
-        g = pipe(req.n, req.label, settings, callback=check, batcher=batcher)
+        g = pipe(req.n, req.label, settings, callback=check, batcher=batcher, prompt=req.prompt)
     out = []
     for i in range(req.n):
         img = g.images[i]
         buf = io.BytesIO()
         Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(buf, format="PNG")
         att = None if g.attribution is None else {c: round(float(w), 6) for c, w in zip(g.compartments, g.attribution[i])}
-        out.append(SampleOut(png_base64=base64.b64encode(buf.getvalue()).decode(), label=req.label, attribution=att))
+        out.append(SampleOut(png_base64=base64.b64encode(buf.getvalue()).decode(), label=req.label,
+                             prompt=None if g.prompts is None else g.prompts[i], attribution=att))
     return GenerateOut(compartments=g.compartments, router=req.router, seconds=round(time.perf_counter() - t0, 3),
                        samples=out)
 
@@ -483,7 +490,8 @@ PAGE = """<!doctype html>
 <fieldset>
  <label>API key <input id="key" type="password" size="30" autocomplete="off"></label>
  <button id="connect">Connect</button>
- <label>Label <select id="label"><option value="">(any)</option></select></label>
+ <label id="label-box">Label <select id="label"><option value="">(any)</option></select></label>
+ <label id="prompt-box" hidden>Prompt <input id="prompt" type="text" size="30" maxlength="1000"></label>
  <label>Count <input id="n" type="number" min="1" value="4"></label>
  <label>Router <select id="router">""" + "".join(f"<option>{r}</option>" for r in ROUTER_SPECS) + """</select></label>
  <button id="go">Generate</button>
@@ -505,6 +513,7 @@ input, select, button { font: inherit; padding: .3rem .5rem; }
 .bar span.name { width: 5.5rem; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .bar div.track { flex: 1; background: #eee; height: .7rem; border-radius: 3px; }
 .bar div.fill { background: #3a7bd5; height: 100%; border-radius: 3px; }
+[hidden] { display: none !important; }
 #msg { color: #b00; min-height: 1.2rem; margin-top: .5rem; }
 """
 
@@ -546,6 +555,8 @@ document.addEventListener("DOMContentLoaded", () => {
       const c = await call("/v1/compartments");
       $("who").textContent = c.user + " may use: " + (c.compartments.join(", ") || "nothing at present");
       $("label").replaceChildren(new Option("(any)", ""), ...c.labels.map((l) => new Option(l, l)));
+      $("label-box").hidden = c.text;
+      $("prompt-box").hidden = !c.text;
     } catch (e) { $("msg").textContent = e.message; }
   });
   $("go").addEventListener("click", async () => {
@@ -553,7 +564,8 @@ document.addEventListener("DOMContentLoaded", () => {
     $("out").replaceChildren();
     try {
       const body = {n: parseInt($("n").value), router: $("router").value, steps: 25};
-      if ($("label").value) body.label = $("label").value;
+      if ($("label").value && $("prompt-box").hidden) body.label = $("label").value;
+      if ($("prompt").value && !$("prompt-box").hidden) body.prompt = $("prompt").value;
       const g = await call("/v1/generate", body);
       $("msg").textContent = "";
       $("out").replaceChildren(...g.samples.map(card));

@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 
 from .adapters import ADAPTER_WEIGHTS, adapter_state, attach, lora_config
 from .data import to_tensor_array
-from .models import build_router, build_unet
+from .denoisers import unet_inputs
+from .models import build_router, build_unet, unet_class
 from .store import file_digest
 
 Progress = Callable[[str, int, int, float], None]  # (job name, step done, total steps, loss)
@@ -48,7 +49,7 @@ class TrainConfig:
     warmup: int = 100
     ema_decay: float = 0.9995
     ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at ema_decay
-    label_dropout: float = 0.1
+    label_dropout: float = 0.1  # in text stores: caption dropout (the empty prompt)
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
     checkpoint_every: int = 250
@@ -101,10 +102,14 @@ class TrainJob:
     classes: list[str] = field(default_factory=list)  # router: compartment names, in logit order
     extra: dict = field(default_factory=dict)  # recorded in the spec (e.g. the schedule of the router)
     base_dir: str | None = None  # adapter compartments: folder of the base model (its digest is in `extra`)
+    captions: list[str | None] | None = None  # text-conditioned store: each item's caption (None: the empty prompt)
+    text_dir: str | None = None  # text-conditioned store: the encoder folder (its digest is in `extra`)
 
     def stage_spec(self, k: int) -> str:
         """Digest of what the state after stage k depends on: config, seed, items of slices <= k."""
-        items = [(h, y, s) for h, y, s in zip(self.hashes, self.labels, self.slices)
+        caps = self.captions if self.captions is not None else [None] * len(self.hashes)
+        items = [(h, y, s) if self.captions is None else (h, y, s, c)
+                 for h, y, s, c in zip(self.hashes, self.labels, self.slices, caps)
                  if self.kind == "router" or s <= k]
         blob = json.dumps(dict(kind=self.kind, name=self.name if self.kind == "router" else None,
                                model=self.model_config, train=recipe_fields(self.train), seed=self.seed,
@@ -196,8 +201,20 @@ def _adapter_model(job: TrainJob):
     if have != want:
         raise ValueError(f"base model in {job.base_dir} has weights {have[:12]}, adapter {job.name!r} "
                          f"expects {want[:12]}")
-    base = UNet2DModel.from_pretrained(job.base_dir, low_cpu_mem_usage=False)
+    base = unet_class(UNet2DModel.load_config(job.base_dir)).from_pretrained(job.base_dir, low_cpu_mem_usage=False)
     return attach(base, job.extra["adapter"], job.seed)
+
+
+def _text_conditions(job: TrainJob, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text stores: embeddings of the distinct captions (row 0: the empty prompt, the null
+    condition), and each item's row. The encoder is checked against the digest in the spec."""
+    from .text import load_encoder
+
+    enc = load_encoder(Path(job.text_dir), job.extra["text"]["encoder"])
+    prompts = ["", *dict.fromkeys(c for c in job.captions if c)]
+    row = {p: i for i, p in enumerate(prompts)}
+    emb = torch.cat([enc.encode(prompts[i:i + 256]) for i in range(0, len(prompts), 256)]).to(device)
+    return emb, torch.tensor([row[c or ""] for c in job.captions], device=device)
 
 
 def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, device: str = "cpu",
@@ -265,6 +282,9 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
     alphas = scheduler.alphas_cumprod.to(dev)
     x_all = torch.from_numpy(to_tensor_array(list(job.pixels))).to(dev) if len(job.pixels) else None
     y_all = torch.tensor(job.labels, dtype=torch.long, device=dev)
+    text = job.extra.get("text")
+    if text:  # the condition is the caption's embedding; dropout gives the empty prompt's
+        emb, caption_row = _text_conditions(job, dev)
     s_all = torch.tensor(job.slices, dtype=torch.long)
     total, done_before = sum(per_stage), sum(per_stage[:start_stage]) + start_step
     steps_run, loss_val = 0, None
@@ -283,6 +303,10 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
             x0, y = x_all[b], y_all[b].clone()
             drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout).to(dev)
             y[drop] = job.null_label
+            if text:
+                rows = caption_row[b].clone()
+                rows[drop] = 0
+                y = {"text": emb[rows]}
             noise = torch.randn(x0.shape, generator=gen).to(dev)
             t = torch.randint(0, len(alphas), (cfg.batch_size,), generator=gen).to(dev)
             a = alphas[t].view(-1, 1, 1, 1)
@@ -290,7 +314,7 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
             if is_router:
                 loss = torch.nn.functional.cross_entropy(model(xt, t, y), s_all.to(dev)[b])
             else:
-                loss = torch.nn.functional.mse_loss(model(xt, t, class_labels=y).sample, noise)
+                loss = torch.nn.functional.mse_loss(model(xt, t, **unet_inputs(y)).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
