@@ -25,11 +25,13 @@ from .folders import load_folder  # noqa: F401 (re-exported)
 from .forget import ForgetResult, forget  # noqa: F401 (re-exported)
 from .ingest import IngestResult, ingest  # noqa: F401 (re-exported)
 from .loading import forget_unused_models, load_bank, load_unet  # noqa: F401 (re-exported)
-from .models import default_preset, unet_config
+from .models import default_preset, unet_class, unet_config
 from .pipeline import ADAPTER_MODES, CDMPipeline, Generation, SamplingSettings  # noqa: F401 (re-exported)
 from .plan import build_job, model_state, train_plan  # noqa: F401 (re-exported)
 from .policy import Policy, store_policy
-from .recipes import adapter_config, model_seed, null_label, router_config, text_config, train_config  # noqa: F401
+from .recipes import (adapter_config, latent_config, model_seed, model_shape, null_label, router_config,  # noqa: F401
+                      text_config, train_config)
+from .sd import import_sd, is_sd_folder
 from . import text
 from .routers import DEFAULT_ROUTER
 from .store import BASE, PARAGON, ROUTER, Store, StoreConfig, StoreError, file_digest
@@ -58,7 +60,13 @@ def set_adapters(store: Store, public: list[str] | None = None, base_from: str |
     """Make every compartment a LoRA adapter on a base model trained on the `public` sources
     (or imported from the diffusers folder `base_from`); `off` goes back to full models.
     `alpha` defaults to 4 x rank (LoRA scale 4).
-    Changing this makes every compartment stale; `cdm train` then rebuilds them."""
+    Changing this makes every compartment stale; `cdm train` then rebuilds them.
+    `base_from` may also be a Stable Diffusion folder: its UNet, text encoder, VAE and schedule
+    are imported together (cdm.sd)."""
+    if base_from is not None and not off and is_sd_folder(Path(base_from)):
+        if public:
+            raise StoreError("a Stable Diffusion base is imported, not trained: give --base-from or --public")
+        return import_sd(store, Path(base_from), rank, alpha, actor)
     with store.writing("adapters"):
         if off:
             cfg = None
@@ -120,17 +128,19 @@ def _check_base_folder(store: Store, folder: Path) -> str:
     """Validate a diffusers UNet2DModel folder as a base for this store; returns its weights digest."""
     f = folder / WEIGHTS
     if not f.is_file() or not (folder / "config.json").is_file():
-        raise StoreError(f"{folder} is not a diffusers UNet2DModel folder (needs config.json and {WEIGHTS})")
+        raise StoreError(f"{folder} is not a diffusers UNet folder (needs config.json and {WEIGHTS}) "
+                         "nor a Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     conf = UNet2DModel.load_config(folder)
-    cfg = store.config
-    want = dict(sample_size=cfg.image_size, in_channels=cfg.channels, out_channels=cfg.channels,
-                num_class_embeds=cfg.max_labels + 1)
+    cfg, text = store.config, text_config(store)
+    channels, size, _ = model_shape(store)
+    want = dict(sample_size=size, in_channels=channels, out_channels=channels,
+                **({"num_class_embeds": cfg.max_labels + 1} if text is None else {"cross_attention_dim": text.dim}))
     bad = {k: (conf.get(k), v) for k, v in want.items() if conf.get(k) != v}
     if bad:
         raise StoreError(f"base model {folder} does not fit this store: "
                          + ", ".join(f"{k}={have} (store needs {need})" for k, (have, need) in bad.items()))
     try:
-        UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
+        unet_class(conf).from_pretrained(folder, low_cpu_mem_usage=False)
     except Exception as e:  # corrupted weights
         raise StoreError(f"base model {folder} does not load: {e}") from e
     return file_digest(f)
@@ -192,6 +202,7 @@ def status(store: Store) -> dict:
     t = text_config(store)
     return dict(store=str(store.root), config=asdict(cfg), train=recipe_fields(train_config(store)), policy=users or None,
                 adapters=adapters, text=None if t is None else asdict(t),
+                latent=None if latent_config(store) is None else asdict(latent_config(store)),
                 sources=store.sources(), items=sum(counts.values()), labels=hist_all, compartments=comps,
                 paragon=models[PARAGON], router=dict(
                     **models[ROUTER],

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from .adapters import ADAPTER_WEIGHTS, AdapterBank, merged
 from .models import RouterNet, unet_class
-from .recipes import text_config, text_dir
+from .latent import load_latents
+from .recipes import latent_config, latent_dir, text_config, text_dir
 from .routers import ClassifierRouter
 from .store import BASE, ROUTER, NotReady, Store, StoreError, file_digest
 from .text import load_encoder
@@ -81,6 +82,12 @@ def load_text(store: Store, device: str = "cpu"):
     """The store's frozen text encoder (checked against its digest), or None for a class-conditional store."""
     config = text_config(store)
     return None if config is None else load_encoder(text_dir(store, config), config.digest, device)
+
+
+def load_vae(store: Store, device: str = "cpu"):
+    """The store's frozen VAE (checked against its digest), or None when models see pixels."""
+    config = latent_config(store)
+    return None if config is None else load_latents(latent_dir(store, config), config, device)
 
 
 def scheduler_config(store: Store, name: str) -> dict:

@@ -27,11 +27,11 @@ from .batching import Batcher, batched, batched_joint
 from .data import to_uint8_images
 from .denoisers import ClassLabels, guided, unet_denoiser
 from .grouped import Group, grouped_joint
-from .loading import load_bank, load_classifier, load_text, load_unet, register_holder, scheduler_config
+from .loading import load_bank, load_classifier, load_text, load_unet, load_vae, register_holder, scheduler_config
 from .mixture import Mixture
 from .plan import model_state
 from .policy import Policy, store_policy
-from .recipes import adapter_config, null_label, text_config
+from .recipes import adapter_config, model_shape, null_label, text_config
 from .routers import DEFAULT_ROUTER, ROUTERS, check_sampler, spec
 from .sampler import SAMPLERS, make_scheduler, sample
 from .store import BASE, PARAGON, ROUTER, NotReady, Store, StoreError
@@ -109,8 +109,9 @@ class CDMPipeline:
 
     def __init__(self, names: list[str], denoisers: list, router, labels: dict[str, int],
                  hist: dict, scheduler: dict, cond: ClassLabels | Prompts, shape: tuple[int, int, int],
-                 device: str = "cpu", joint=None):
+                 device: str = "cpu", joint=None, vae=None):
         self.names, self.denoisers, self.router, self.joint = names, denoisers, router, joint
+        self.vae = vae  # latent stores: samples are decoded with the store's VAE (cdm.latent)
         self.labels, self.hist, self.scheduler, self.cond = labels, hist, scheduler, cond
         self.shape, self.device = shape, torch.device(device)
 
@@ -168,10 +169,10 @@ class CDMPipeline:
                 dens = [unet_denoiser(u) for u in unets]
                 joint = grouped_joint(Group(unets), dens) if grouped and len(unets) > 1 else None
             comp_router = None if paragon else cls._router(store, router, names, device)
-            cfg, encoder = store.config, load_text(store, device)
+            encoder = load_text(store, device)
             cond = ClassLabels(null_label(store)) if encoder is None else Prompts(encoder)
             return cls(names, dens, comp_router, store.labels(), store.label_counts(), scheduler_config(store, names[0]),
-                       cond, (cfg.channels, cfg.image_size, cfg.image_size), device, joint)
+                       cond, model_shape(store), device, joint, load_vae(store, device))
 
     @staticmethod
     def _composed(store: Store, allow: list[str] | None) -> list[str]:
@@ -242,6 +243,8 @@ class CDMPipeline:
             with torch.inference_mode():
                 x = sample(den, make_scheduler(self.scheduler, s.sampler), noise, cond, s.steps, gen,
                            ([mix.on_step] if mix else []) + hooks)
+            if self.vae is not None:
+                x = self.vae.decode(x)
             images.append(to_uint8_images(x.float().cpu().numpy()))
             evals += mix.evaluations if mix else b * (2 if cfg else 1) * s.steps
             if mix is not None:

@@ -11,15 +11,16 @@ its training code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 
 from .models import text_unet_config, unet_config
-from .recipes import adapter_config, model_seed, null_label, router_config, text_config, text_dir, train_config
+from .recipes import (adapter_config, latent_config, latent_dir, model_seed, model_shape, null_label, router_config,
+                      text_config, text_dir, train_config)
 from .store import BASE, PARAGON, ROUTER, ItemRow, NotReady, Store, StoreError
-from .train import TrainJob
+from .train import TrainJob, recipe_fields
 
 
 @dataclass(frozen=True)
@@ -74,21 +75,23 @@ def build_job(store: Store, name: str, load_pixels: bool = True) -> TrainJob:
             "no adapters are set (see `cdm adapters`)" if adapters is None else "it was imported"))
     rows = KINDS[kind].rows(store, name)
     hashes, labels = [r.hash for r in rows], [null if r.label is None else r.label for r in rows]
-    text = text_config(store)
+    text, latent = text_config(store), latent_config(store)
+    channels, size, _ = model_shape(store)  # pixels, or the VAE's latents
     if kind == "router":
         comps, t, rc = _router_classes(store), train_config(store), router_config(store)
-        model = dict(compartments=comps, image_size=cfg.image_size, in_channels=cfg.channels,
+        model = dict(compartments=comps, image_size=size, in_channels=channels,
                      num_class_embeds=cfg.max_labels + 1, width=rc.width, num_train_timesteps=t.num_train_timesteps)
         if text:
             model["text_dim"] = text.dim
+        schedule = {k: v for k, v in recipe_fields(t).items() if k in ("beta_start", "beta_end")}
         job = TrainJob(ROUTER, "router", hashes, labels, [comps.index(r.compartment) for r in rows],
                        np.zeros((0,), np.uint8), model, rc, model_seed(store, ROUTER), 1, null, comps,
-                       dict(num_train_timesteps=t.num_train_timesteps, beta_schedule=t.beta_schedule))
+                       dict(num_train_timesteps=t.num_train_timesteps, beta_schedule=t.beta_schedule, **schedule))
     else:
         t = train_config(store).for_items(len(rows))  # an epoch budget becomes this model's steps
         job = TrainJob(name, kind, hashes, labels, [r.slice for r in rows], np.zeros((0,), np.uint8),
-                       text_unet_config(t.preset, cfg.image_size, cfg.channels, text.dim) if text else
-                       unet_config(t.preset, cfg.image_size, cfg.channels, cfg.max_labels), t,
+                       text_unet_config(t.preset, size, channels, text.dim) if text else
+                       unet_config(t.preset, size, channels, cfg.max_labels), t,
                        model_seed(store, name), cfg.slices, null)
         if adapters is not None and kind == "compartment":  # a LoRA adapter: depends on its base
             base = store.model(BASE)
@@ -100,6 +103,9 @@ def build_job(store: Store, name: str, load_pixels: bool = True) -> TrainJob:
         job.captions = [caps.get(h) for h in hashes]
         job.extra = dict(job.extra, text=dict(encoder=text.digest))
         job.text_dir = str(text_dir(store, text))
+    if latent:  # trained on the frozen VAE's latents (cdm.latent)
+        job.extra = dict(job.extra, latent={k: v for k, v in asdict(latent).items() if k != "source"})
+        job.latent_dir = str(latent_dir(store, latent))
     if load_pixels and job.hashes:
         job.pixels = np.stack([store.read_item(h) for h in job.hashes])
     return job

@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 from .adapters import AdapterConfig
+from .latent import LatentConfig, latent_shape
 from .store import Store
 from .text import TextConfig
 from .train import RouterConfig, TrainConfig
@@ -39,6 +40,22 @@ def text_config(store: Store) -> TextConfig | None:
 def text_dir(store: Store, config: TextConfig) -> Path:
     """Where the store keeps its text encoder folder."""
     return store.root / "text" / config.digest
+
+
+def latent_config(store: Store) -> LatentConfig | None:
+    """The store's latent space (a Stable Diffusion import), or None when models see pixels."""
+    v = store.get_meta("latent")
+    return None if v is None else LatentConfig(**v)
+
+
+def latent_dir(store: Store, config: LatentConfig) -> Path:
+    """Where the store keeps its VAE folder."""
+    return store.root / "vae" / config.digest.replace(":", "-")
+
+
+def model_shape(store: Store) -> tuple[int, int, int]:
+    """(C, H, W) of what the store's models see: pixels, or the VAE's latents."""
+    return latent_shape(store.config.channels, store.config.image_size, latent_config(store))
 
 
 def model_seed(store: Store, name: str) -> int:

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from .adapters import ADAPTER_WEIGHTS, adapter_state, attach, lora_config
 from .data import to_tensor_array
 from .denoisers import unet_inputs
+from .latent import LatentConfig, load_latents
 from .models import build_router, build_unet, unet_class
 from .store import file_digest
 
@@ -52,6 +53,8 @@ class TrainConfig:
     label_dropout: float = 0.1  # in text stores: caption dropout (the empty prompt)
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
+    beta_start: float = 0.0001  # diffusers' defaults; a Stable Diffusion import sets its own
+    beta_end: float = 0.02
     checkpoint_every: int = 250
     # a budget in passes over a model's own items instead of a fixed count: a model on n items
     # trains clip(ceil(epochs * n / batch_size), min_steps, steps) steps (steps is then the cap),
@@ -68,6 +71,7 @@ class TrainConfig:
 
     def scheduler(self) -> DDPMScheduler:
         return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
+                             beta_start=self.beta_start, beta_end=self.beta_end,
                              timestep_spacing="trailing")
 
 
@@ -104,6 +108,7 @@ class TrainJob:
     base_dir: str | None = None  # adapter compartments: folder of the base model (its digest is in `extra`)
     captions: list[str | None] | None = None  # text-conditioned store: each item's caption (None: the empty prompt)
     text_dir: str | None = None  # text-conditioned store: the encoder folder (its digest is in `extra`)
+    latent_dir: str | None = None  # latent store: the VAE folder (its digest is in `extra`)
 
     def stage_spec(self, k: int) -> str:
         """Digest of what the state after stage k depends on: config, seed, items of slices <= k."""
@@ -132,7 +137,7 @@ def recipe_fields(cfg) -> dict:
     hold their defaults, so a model trained before they existed stays up to date."""
     d = asdict(cfg)
     if isinstance(cfg, TrainConfig):
-        for k in ("epochs", "min_steps"):
+        for k in ("epochs", "min_steps", "beta_start", "beta_end"):
             if d[k] == getattr(TrainConfig, k):
                 del d[k]
     return d
@@ -278,9 +283,13 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
             resumed = f"step {start_step} of stage {start_stage}"
 
     scheduler = (DDPMScheduler(num_train_timesteps=job.extra["num_train_timesteps"],
-                               beta_schedule=job.extra["beta_schedule"]) if is_router else cfg.scheduler())
+                               beta_schedule=job.extra["beta_schedule"],
+                               beta_start=job.extra.get("beta_start", TrainConfig.beta_start),
+                               beta_end=job.extra.get("beta_end", TrainConfig.beta_end)) if is_router else cfg.scheduler())
     alphas = scheduler.alphas_cumprod.to(dev)
     x_all = torch.from_numpy(to_tensor_array(list(job.pixels))).to(dev) if len(job.pixels) else None
+    if job.extra.get("latent") and x_all is not None:  # latent diffusion: train on the frozen VAE's latents
+        x_all = load_latents(Path(job.latent_dir), LatentConfig(source=job.latent_dir, **job.extra["latent"]), dev).encode(x_all)
     y_all = torch.tensor(job.labels, dtype=torch.long, device=dev)
     text = job.extra.get("text")
     if text:  # the condition is the caption's embedding; dropout gives the empty prompt's
