@@ -141,3 +141,15 @@ def test_sd_folder_needs_an_rgb_store_of_a_fitting_size(tmp_path, sd):
     odd = api.init_store(tmp_path / "o", 6, 3, 0, 2, 16, TrainConfig(preset="tiny"))
     with pytest.raises(StoreError, match="multiple of 4"):
         api.set_adapters(odd, base_from=sd)
+
+
+def test_sd_folder_with_prompt_compartments(tmp_path, sd):
+    s = api.init_store(tmp_path / "s", 16, 3, 0, 2, 16, SD_TRAIN, RouterConfig(steps=6, batch_size=16, warmup=2))
+    api.ingest(s, "ann", squares(0, 12), "one")
+    api.ingest(s, "bob", squares(1, 12), "one")
+    a = api.set_adapters(s, base_from=sd, kind="prompt", tokens=2)
+    assert a.kind == "prompt" and a.base_from == s.model("base").digest.split(":")[0]
+    api.train(s)
+    assert s.model("ann").info["adapter"] == {"kind": "prompt", "tokens": 2, "base": a.base_from}
+    g = api.sample(s, 2, prompt="a green square", steps=3, router="classifier")
+    assert g.images.shape == (2, 16, 16, 3) and g.compartments == ["ann", "bob"]

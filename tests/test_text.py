@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cdm import api
 from cdm.data import DataError
@@ -259,3 +260,42 @@ def test_served_prompts_stay_inside_the_policy(tmp_path, owners):
         r = c.post("/v1/generate", json={"n": 1, "prompt": "z" * 200}, headers=h)
         assert r.status_code == 422 and "at most 77" in r.json()["detail"]
         assert c.post("/v1/generate", json={"n": 1, "label": "3"}, headers=h).status_code == 422
+
+
+def test_prompt_compartments_train_compose_and_forget_exactly(tmp_path, owners, digits):
+    public = captioned(digits[120:160], "a public digit")
+
+    def build(path, bob):
+        s = make_store(path, owners[0], "one", source="ann")
+        api.ingest(s, "bob", bob, "one")
+        api.ingest(s, "pub", public, "one")
+        api.set_text(s)
+        api.set_adapters(s, public=["pub"], kind="prompt", tokens=3)
+        api.train(s)
+        return s
+
+    s = build(tmp_path / "s", owners[1])
+    dim = api.text_config(s).dim
+    for name in ("ann", "bob"):
+        row = s.model(name)
+        assert row.info["adapter"]["kind"] == "prompt" and row.info["adapter"]["base"] == s.model("base").digest
+        weights = load_file(str(s.folder(row) / row.info["weights"]))
+        assert list(weights) == ["prompt"] and weights["prompt"].shape == (3, dim)  # the whole compartment
+    g = api.sample(s, 2, prompt="a digit eight", steps=3, allow=["ann", "bob"], router="classifier")
+    assert g.compartments == ["ann", "bob"] and np.allclose(g.attribution.sum(axis=1), 1)
+    with pytest.raises(StoreError, match="learned prompt"):
+        CDMPipeline.from_store(s, ["ann", "bob"], adapter_mode="joint")
+    victim = next(r for r in s.items("bob") if r.slice == 1).hash
+    res = forget(s, items=[victim])
+    assert {x["name"] for x in res.retrained} == {"bob", "router"}  # one prompt and the router, nothing else
+    ref = build(tmp_path / "ref", [it for it in owners[1] if it.hash != victim])
+    assert digests(s) == digests(ref)
+
+
+def test_prompt_compartments_need_a_text_store(tmp_path, digits):
+    s = make_store(tmp_path / "s", captioned(digits[:30]), "iid:2")
+    with pytest.raises(StoreError, match="cdm text"):
+        api.set_adapters(s, public=["digits"], kind="prompt")
+    with pytest.raises(StoreError, match="unknown adapter kind"):
+        api.set_adapters(s, public=["digits"], kind="dora")
+    assert api.adapter_config(s) is None

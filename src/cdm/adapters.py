@@ -1,10 +1,12 @@
-"""Adapter compartments: LoRA (Hu et al. 2021) on a shared base model, via peft.
+"""Adapter compartments: LoRA (Hu et al. 2021) or a learned prompt on a shared base model.
 
-The CDM paper (Sec. 4) also trains per-compartment "prompts" on a shared backbone. Here a
-base denoiser is trained only on sources the operator marks public (or imported from a
-diffusers folder), and each compartment is a LoRA adapter on it, trained only on the
-compartment's items. Forgetting a private item retrains one adapter (SISA, as for full
-models); the base never sees private data.
+A base denoiser is trained only on sources the operator marks public (or imported from a
+diffusers or Stable Diffusion folder), and each compartment is an adapter on it, trained
+only on the compartment's items: a LoRA adapter (via peft), or, in a text-conditioned
+store, a learned prompt (the CDM paper's "models or prompts", Sec. 4): `tokens` context
+vectors prepended to the text encoder's output, the only trained weights (prompt tuning,
+Lester et al. 2021, in the cross-attention context). Forgetting a private item retrains
+one adapter (SISA, as for full models); the base never sees private data.
 
 Composition runs the base with each adapter. `AdapterBank` holds one base with all
 adapters injected and evaluates several adapters in one batched call (peft's mixed-adapter
@@ -41,8 +43,11 @@ class AdapterConfig:
     targets: str = TARGETS
     public: tuple[str, ...] = field(default_factory=tuple)
     base_from: str | None = None
+    kind: str = "lora"  # or "prompt": a learned prompt of `tokens` vectors (text-conditioned stores)
+    tokens: int = 4
 
     def __post_init__(self):
+        check_kind(self.kind, self.tokens)
         if self.rank < 1:
             raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
@@ -52,7 +57,48 @@ class AdapterConfig:
 
     def recipe(self) -> dict:
         """What an adapter's weights depend on besides its items (goes into its spec)."""
+        if self.kind == "prompt":
+            return dict(kind="prompt", tokens=self.tokens)
         return dict(rank=self.rank, alpha=self.alpha, targets=self.targets)
+
+
+ADAPTER_KINDS = ("lora", "prompt")
+
+
+def check_kind(kind: str, tokens: int) -> None:
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}; available: {', '.join(ADAPTER_KINDS)}")
+    if not 1 <= tokens <= 64:
+        raise ValueError(f"a learned prompt has 1-64 tokens, got {tokens}")
+
+
+def is_prompt(recipe: dict) -> bool:
+    return recipe.get("kind") == "prompt"
+
+
+class PromptModel(torch.nn.Module):
+    """A prompt compartment: a frozen base UNet2DConditionModel that cross-attends to the
+    compartment's learned context vectors followed by the prompt's embeddings. Holds the base
+    by reference (every prompt compartment shares one copy)."""
+
+    def __init__(self, base, prompt: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.prompt = torch.nn.Parameter(prompt.clone())
+
+    @classmethod
+    def fresh(cls, base, recipe: dict, seed: int) -> "PromptModel":
+        """A new prompt whose values depend only on (recipe, seed, the base's width)."""
+        dim = base.config.get("cross_attention_dim")
+        if dim is None:
+            raise ValueError("prompt compartments need a text-conditioned base (`cdm text` first)")
+        gen = torch.Generator().manual_seed(seed)
+        base.requires_grad_(False)
+        return cls(base, 0.02 * torch.randn(recipe["tokens"], dim, generator=gen))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kw):
+        p = self.prompt.to(encoder_hidden_states.dtype).expand(encoder_hidden_states.shape[0], -1, -1)
+        return self.base(sample, timestep, encoder_hidden_states=torch.cat([p, encoder_hidden_states], dim=1), **kw)
 
 
 def lora_config(recipe: dict):

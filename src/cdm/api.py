@@ -18,7 +18,7 @@ from pathlib import Path
 
 from diffusers import UNet2DModel
 
-from .adapters import AdapterConfig
+from .adapters import AdapterConfig, check_kind
 from .build import TrainError, run_jobs, train  # noqa: F401 (re-exported)
 from .data import DataError, load_builtin, to_uint8_images  # noqa: F401 (re-exported)
 from .folders import load_folder  # noqa: F401 (re-exported)
@@ -56,17 +56,25 @@ def init_store(path: str | Path, image_size: int = 8, channels: int = 1, seed: i
 
 def set_adapters(store: Store, public: list[str] | None = None, base_from: str | Path | None = None,
                  rank: int = 4, alpha: float | None = None, off: bool = False,
-                 actor: str | None = None) -> AdapterConfig | None:
+                 actor: str | None = None, kind: str = "lora", tokens: int = 4) -> AdapterConfig | None:
     """Make every compartment a LoRA adapter on a base model trained on the `public` sources
     (or imported from the diffusers folder `base_from`); `off` goes back to full models.
     `alpha` defaults to 4 x rank (LoRA scale 4).
     Changing this makes every compartment stale; `cdm train` then rebuilds them.
     `base_from` may also be a Stable Diffusion folder: its UNet, text encoder, VAE and schedule
-    are imported together (cdm.sd)."""
+    are imported together (cdm.sd). `kind` "prompt" makes each compartment a learned prompt
+    of `tokens` vectors instead (text-conditioned stores)."""
+    if not off:
+        try:
+            check_kind(kind, tokens)
+        except ValueError as e:
+            raise StoreError(str(e)) from None
     if base_from is not None and not off and is_sd_folder(Path(base_from)):
         if public:
             raise StoreError("a Stable Diffusion base is imported, not trained: give --base-from or --public")
-        return import_sd(store, Path(base_from), rank, alpha, actor)
+        return import_sd(store, Path(base_from), rank, alpha, actor, kind, tokens)
+    if not off and kind == "prompt" and text_config(store) is None:
+        raise StoreError("prompt compartments need a text-conditioned store: run `cdm text` first")
     with store.writing("adapters"):
         if off:
             cfg = None
@@ -80,7 +88,7 @@ def set_adapters(store: Store, public: list[str] | None = None, base_from: str |
             if base_from is not None:
                 digest = _check_base_folder(store, Path(base_from))
             cfg = AdapterConfig(rank, 4.0 * rank if alpha is None else alpha, public=tuple(sorted(set(public or ()))),
-                                base_from=digest)
+                                base_from=digest, kind=kind, tokens=tokens)
         if base_from is not None and cfg is not None:
             _install_base(store, Path(base_from), cfg.base_from)
         with store.tx() as db:

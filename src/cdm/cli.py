@@ -186,9 +186,14 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
 @app.command()
 def adapters(store: Path, public: Optional[list[str]] = typer.Option(None, help="Source the base model trains on "
                                                                             "(repeatable): marks it public."),
-             base_from: Optional[Path] = typer.Option(None, help="Import the base from a diffusers UNet2DModel folder."),
+             base_from: Optional[Path] = typer.Option(None, help="Import the base from a diffusers UNet folder, or a "
+                                                                 "Stable Diffusion folder (its UNet, text encoder, "
+                                                                 "VAE and schedule)."),
+             kind: str = typer.Option("lora", help="lora (a LoRA adapter per compartment) or prompt (a learned "
+                                                   "prompt per compartment; text-conditioned stores)."),
              rank: int = typer.Option(4, help="LoRA rank of each compartment's adapter."),
              alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scale = alpha / rank; default 4 x rank)."),
+             tokens: int = typer.Option(4, help="Vectors of each compartment's learned prompt (--kind prompt)."),
              off: bool = typer.Option(False, "--off", help="Back to full-model compartments."),
              json_out: bool = typer.Option(False, "--json")) -> None:
     """Make compartments LoRA adapters on a shared base model trained only on public sources."""
@@ -198,14 +203,16 @@ def adapters(store: Path, public: Optional[list[str]] = typer.Option(None, help=
         elif off and (public or base_from):
             _fail("--off takes no --public or --base-from")
         else:
-            a = api.set_adapters(s, public, base_from, rank, alpha, off)
+            a = api.set_adapters(s, public, base_from, rank, alpha, off, kind=kind, tokens=tokens)
     _emit(None if a is None else asdict(a), json_out)
     if not json_out:
         if a is None:
             out.print("compartments are full models")
         else:
             base = f"trained on public source(s) {', '.join(a.public)}" if a.public else f"imported ({a.base_from[:12]})"
-            out.print(f"compartments are LoRA adapters (rank {a.rank}, alpha {a.alpha:g}) on a base model {base}")
+            what = (f"learned prompts ({a.tokens} vectors)" if a.kind == "prompt" else
+                    f"LoRA adapters (rank {a.rank}, alpha {a.alpha:g})")
+            out.print(f"compartments are {what} on a base model {base}")
 
 
 @app.command()

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from .adapters import ADAPTER_WEIGHTS, AdapterBank, merged
+from .adapters import ADAPTER_WEIGHTS, AdapterBank, PromptModel, is_prompt, merged
 from .models import RouterNet, unet_class
 from .latent import load_latents
 from .recipes import latent_config, latent_dir, text_config, text_dir
@@ -46,6 +46,9 @@ def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
         if store.model(BASE).digest != adapter["base"]:
             raise StoreError(f"compartment {name!r} is an adapter on another base model; retrain with `cdm train`")
         key = (str(folder.resolve()), row.digest, str(device), adapter["base"])
+        if is_prompt(adapter):  # shares the base: one copy in memory for every prompt compartment
+            return _cached(key, lambda: PromptModel(base, _adapter_weights(folder)["prompt"].to(device))
+                           .eval().requires_grad_(False))
         return _cached(key, lambda: merged(base, adapter, _adapter_weights(folder))
                        .to(device, memory_format=torch.channels_last))
     key = (str(folder.resolve()), row.digest, str(device))
@@ -59,6 +62,9 @@ def load_bank(store: Store, names: list[str], device: str = "cpu") -> AdapterBan
     rows = {n: _checked(store, n) for n in names}
     base_row = store.model(BASE)
     for n, (row, _) in rows.items():
+        if is_prompt(row.info.get("adapter") or {}):
+            raise StoreError(f"compartment {n!r} is a learned prompt: prompt compartments run in adapter mode "
+                             "'merged' (they share one base already)")
         if not row.info.get("adapter") or base_row is None or row.info["adapter"]["base"] != base_row.digest:
             raise StoreError(f"compartment {n!r} is not an adapter on this store's base model")
     base = load_unet(store, BASE, device)

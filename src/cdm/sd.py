@@ -83,7 +83,7 @@ def check_sd_folder(store: Store, folder: Path) -> dict:
 
 
 def import_sd(store: Store, folder: Path, rank: int = 4, alpha: float | None = None,
-              actor: str | None = None) -> AdapterConfig:
+              actor: str | None = None, kind: str = "lora", tokens: int = 4) -> AdapterConfig:
     """Make the SD folder the store's base: text encoder, VAE, UNet (adapters on it), schedule.
     Every model becomes stale; `cdm train` then trains each compartment's adapter."""
     folder = Path(folder)
@@ -97,7 +97,8 @@ def import_sd(store: Store, folder: Path, rank: int = 4, alpha: float | None = N
         if bad:
             raise StoreError(f"{len(bad)} caption(s) do not fit the text encoder, nothing changed:\n  "
                              + "\n  ".join(bad[:20]))
-        adapters = AdapterConfig(rank, 4.0 * rank if alpha is None else alpha, base_from=parts["unet_digest"])
+        adapters = AdapterConfig(rank, 4.0 * rank if alpha is None else alpha, base_from=parts["unet_digest"],
+                                 kind=kind, tokens=tokens)
         recipe = replace(train_config(store), num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
                          beta_schedule=sched.get("beta_schedule", "linear"),
                          beta_start=float(sched.get("beta_start", 0.0001)), beta_end=float(sched.get("beta_end", 0.02)))

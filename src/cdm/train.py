@@ -27,7 +27,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 
-from .adapters import ADAPTER_WEIGHTS, adapter_state, attach, lora_config
+from .adapters import ADAPTER_WEIGHTS, PromptModel, adapter_state, attach, is_prompt, lora_config
 from .data import to_tensor_array
 from .denoisers import unet_inputs
 from .latent import LatentConfig, load_latents
@@ -207,6 +207,8 @@ def _adapter_model(job: TrainJob):
         raise ValueError(f"base model in {job.base_dir} has weights {have[:12]}, adapter {job.name!r} "
                          f"expects {want[:12]}")
     base = unet_class(UNet2DModel.load_config(job.base_dir)).from_pretrained(job.base_dir, low_cpu_mem_usage=False)
+    if is_prompt(job.extra["adapter"]):
+        return PromptModel.fresh(base, job.extra["adapter"], job.seed)
     return attach(base, job.extra["adapter"], job.seed)
 
 
@@ -344,7 +346,9 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
     scheduler.save_pretrained(out_dir)
     if ema is not None:
         ema.copy_to(params)
-    if adapter:
+    if adapter and is_prompt(adapter):
+        save_file({"prompt": model.prompt.detach().cpu().contiguous()}, str(out_dir / ADAPTER_WEIGHTS))
+    elif adapter:
         save_file(adapter_state(model.to("cpu")), str(out_dir / ADAPTER_WEIGHTS))
         lora_config(adapter).save_pretrained(str(out_dir))  # peft's adapter_config.json
     else:
