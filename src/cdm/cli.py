@@ -353,6 +353,9 @@ def eval_cmd(store: Path, samples: int = typer.Option(1000, help="Samples per mo
              paragon: Optional[bool] = typer.Option(None, "--paragon/--no-paragon", help="Score the paragon (default: when trained)."),
              real: str = typer.Option("digits", help="Held-out real images: a builtin's test split or a folder."),
              inception: Optional[Path] = typer.Option(None, help="TorchScript Inception file for Inception-FID."),
+             clip: Optional[Path] = typer.Option(None, help="Text stores: a local CLIPModel folder (with its tokenizer) "
+                                                            "for R-precision and CLIP score (default: cdm's own "
+                                                            "alignment model, trained on the held-out pairs)."),
              attribution: int = typer.Option(0, help="Unconditional samples for attribution accuracy (by-class splits)."),
              seed: int = typer.Option(1), device: str = typer.Option("cpu"),
              json_out: bool = typer.Option(False, "--json")) -> None:
@@ -364,7 +367,7 @@ def eval_cmd(store: Path, samples: int = typer.Option(1000, help="Samples per mo
         cfg = EvalConfig(samples=samples, steps=steps, guidance=guidance, seed=seed, attribution_samples=attribution)
         with err.status("evaluating") as st:
             rep = evaluate_store(s, router, paragon, allowed, cfg, real, inception, device,
-                                 log=lambda m: st.update(m))
+                                 log=lambda m: st.update(m), clip=clip)
     _emit(rep.to_dict(), json_out)
     if not json_out:
         out.print(f"reference: {rep.reference} (held-out), features: {rep.features}, {samples} samples, "

@@ -10,6 +10,9 @@
   training item (pixel L2) is closer than alpha times the mean distance to its k nearest.
 - Attribution accuracy: on unconditional samples, the fraction whose top-attributed
   compartment holds data of the label the extractor reads in the sample (by-class splits).
+- Text-conditioned stores are prompted with held-out captions and scored for alignment too
+  (R-precision and a CLIP-style score, cdm.alignment); without labels, FID uses the
+  alignment model's image features (or real CLIP's, `clip=DIR`).
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from .alignment import AlignConfig, AlignScorer, ClipScorer, align_model
 from .data import BUILTINS, Item, load_builtin, to_tensor_array
 from .folders import load_folder
 from .ingest import resize_items
 from .models import FeatureNet
 from .pipeline import CDMPipeline, SamplingSettings
 from .plan import model_state
+from .recipes import text_config
 from .store import PARAGON, Store, StoreError, private_files
 
 
@@ -72,6 +77,8 @@ class Metrics:
     memorized: float  # fraction of samples
     memorized_by_compartment: dict[str, float] = field(default_factory=dict)  # by top-attributed compartment
     attribution_accuracy: float | None = None
+    r_precision: float | None = None  # text stores: top-1 retrieval of the own prompt (cdm.alignment)
+    clip_score: float | None = None  # text stores: 100 x max(cos(image, prompt), 0)
     sample_seconds: float = 0.0
     evaluations_per_sample_step: float = 0.0  # model evaluations per sample per sampler step
 
@@ -193,12 +200,25 @@ class Features:
 # --- evaluation -------------------------------------------------------------------------
 
 
+class AlignFeatures:
+    """FID features from an alignment scorer's image tower (text stores without labels)."""
+
+    net = inception = None
+
+    def __init__(self, scorer: AlignScorer):
+        self.scorer, self.kind = scorer, scorer.kind
+
+    def __call__(self, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, None]:
+        return self.scorer.images(images).double().numpy(), None
+
+
 class Evaluator:
     """Held-out real images and the store's training items, featurised once; `run` scores one model."""
 
     def __init__(self, store: Store, real: list[Item], cfg: EvalConfig = EvalConfig(),
                  inception: str | Path | None = None, device: str = "cpu", extractor: ExtractorConfig = ExtractorConfig(),
-                 features: Features | None = None):
+                 features: Features | None = None, clip: str | Path | None = None,
+                 align: AlignConfig = AlignConfig()):
         if len(real) < 2:
             raise StoreError("evaluation needs held-out real images (at least 2)")
         want = (store.config.image_size, store.config.image_size, store.config.channels)
@@ -206,6 +226,19 @@ class Evaluator:
         if bad:
             raise StoreError(f"{len(bad)} held-out image(s) do not have the store's shape {want}: {', '.join(bad[:5])}")
         self.store, self.cfg, self.device = store, cfg, device
+        self.scorer, self.pool = None, []
+        if text_config(store) is not None:  # prompted with held-out captions, scored for alignment
+            pairs = [it for it in real if it.caption]
+            if not pairs:
+                raise StoreError("a text-conditioned store is scored against held-out captioned images: "
+                                 "--real FOLDER with captions")
+            self.pool = [it.caption for it in pairs]
+            self.scorer = ClipScorer(clip, device) if clip else AlignScorer(align_model(store, pairs, align, device),
+                                                                            device)
+            self.real_alignment = self.scorer.score(np.stack([it.pixels for it in pairs]), self.pool, self.pool,
+                                                    seed=cfg.seed)
+            if features is None and inception is None and len(store.labels()) < 2:
+                features = AlignFeatures(self.scorer)
         self.features = features or Features(store, inception, device, extractor)
         self.real_feats, _ = self.features(np.stack([it.pixels for it in real]))
         rows = store.items()
@@ -228,10 +261,14 @@ class Evaluator:
         present = sorted({lid for c in (hist if paragon else comps) for lid, k in hist.get(c, {}).items()
                           if k and lid is not None})
         labels = [self.label_names[present[i % len(present)]] for i in range(cfg.samples)] if present else None
+        prompts = None
+        if self.scorer is not None:  # held-out captions, each as often as the samples allow (seeded order)
+            order = np.random.default_rng(cfg.seed).permutation(len(self.pool))
+            prompts, labels = [self.pool[order[i % len(order)]] for i in range(cfg.samples)], None
         t0 = time.perf_counter()
         pipe = CDMPipeline.from_store(store, None if paragon else comps, router=router, paragon=paragon,
                                       device=self.device)
-        gen = pipe(cfg.samples, labels, settings)
+        gen = pipe(cfg.samples, labels, settings, prompt=prompts)
         seconds = time.perf_counter() - t0
         feats, preds = self.features(gen.images)
         self.last_features, self.last_generation = feats, gen  # for benches: bootstrap intervals, grids
@@ -249,7 +286,11 @@ class Evaluator:
                     frechet_distance(feats, self.real_feats), acc, float(mem.mean()), by_comp,
                     sample_seconds=round(seconds, 3),
                     evaluations_per_sample_step=round(gen.evaluations / (cfg.samples * settings.steps), 4))
-        if cfg.attribution_samples and not paragon and len(comps) > 1 and self.features.net is not None:
+        if prompts is not None:
+            a = self.scorer.score(gen.images, prompts, self.pool, seed=cfg.seed)
+            m.r_precision, m.clip_score = a.r_precision, a.clip_score
+        if cfg.attribution_samples and not paragon and len(comps) > 1 and self.features.net is not None \
+                and prompts is None:
             m.attribution_accuracy = self.attribution_accuracy(pipe)
         return m
 
@@ -280,18 +321,27 @@ class EvalReport:
     config: EvalConfig
     floor: float  # FID of as many real training items as samples, against the reference
     results: list[Metrics]
+    real_alignment: dict | None = None  # text stores: the held-out images scored with their own captions
+    scorer: str | None = None  # text stores: the alignment model (cdm-align, or clip:FOLDER)
 
     def table(self) -> str:
         """A markdown table, with FID relative to the paragon where there is one."""
         para = next((m.fid for m in self.results if m.name == PARAGON), None)
-        lines = ["| model | router | K | FID | FID / paragon | cond. acc. | memorized | attribution acc. | sample s |",
-                 "|---|---|---|---|---|---|---|---|---|",
-                 f"| real training items (floor) | | | {self.floor:.3f} | | | | | |"]
+        f = lambda v, p=3: "" if v is None else f"{v:.{p}f}"  # noqa: E731
+        text = self.real_alignment is not None
+        extra = " R-precision | CLIP score |" if text else ""
+        lines = ["| model | router | K | FID | FID / paragon | cond. acc. | memorized | attribution acc. |" + extra
+                 + " sample s |", "|---|---|---|---|---|---|---|---|" + "---|---|" * text + "---|",
+                 f"| real training items (floor) | | | {self.floor:.3f} | | | | |" + " |" * (2 * text) + " |"]
+        if text:
+            ra = self.real_alignment
+            lines.append("| held-out images, own captions | | | | | | | | "
+                         f"{f(ra['r_precision'])} | {f(ra['clip_score'], 1)} | |")
         for m in self.results:
-            f = lambda v, p=3: "" if v is None else f"{v:.{p}f}"  # noqa: E731
+            cols = f" {f(m.r_precision)} | {f(m.clip_score, 1)} |" if text else ""
             lines.append(f"| {m.name} | {m.router or ''} | {len(m.compartments)} | {m.fid:.3f} | "
                          f"{f(m.fid / para if para else None)} | {f(m.accuracy)} | {m.memorized:.3f} | "
-                         f"{f(m.attribution_accuracy)} | {m.sample_seconds:.1f} |")
+                         f"{f(m.attribution_accuracy)} |{cols} {m.sample_seconds:.1f} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -301,9 +351,11 @@ class EvalReport:
 def evaluate_store(store: Store, routers: list[str] = ("ito",), paragon: bool | None = None,
                    allow: list[str] | None = None, cfg: EvalConfig = EvalConfig(), real: str | Path = "digits",
                    inception: str | Path | None = None, device: str = "cpu", log=None,
-                   extractor: ExtractorConfig = ExtractorConfig()) -> EvalReport:
-    """Score the paragon (when trained, unless paragon=False) and the composition with each router."""
-    ev = Evaluator(store, reference_items(store, real), cfg, inception, device, extractor)
+                   extractor: ExtractorConfig = ExtractorConfig(), clip: str | Path | None = None) -> EvalReport:
+    """Score the paragon (when trained, unless paragon=False) and the composition with each router.
+    Text-conditioned stores are prompted with the held-out captions and scored for alignment
+    (with the CLIPModel folder `clip` where given)."""
+    ev = Evaluator(store, reference_items(store, real), cfg, inception, device, extractor, clip=clip)
     results = []
     if paragon or (paragon is None and model_state(store, PARAGON) == "ready"):
         if log:
@@ -314,4 +366,5 @@ def evaluate_store(store: Store, routers: list[str] = ("ito",), paragon: bool | 
         if log:
             log(f"sampling {cfg.samples} from CDM-{len(comps)} with the {r} router")
         results.append(ev.run(f"cdm-{len(comps)}", comps, r))
-    return EvalReport(str(real), ev.features.kind, cfg, ev.floor(), results)
+    return EvalReport(str(real), ev.features.kind, cfg, ev.floor(), results,
+                      None if ev.scorer is None else asdict(ev.real_alignment), None if ev.scorer is None else ev.scorer.kind)
