@@ -36,6 +36,30 @@ def train(store: Store, **kw) -> list:
         return api.train(store, progress=cb, **kw)
 
 
+def owner_judge(train_items: dict, steps: int):
+    """A classifier of the owner (vendor) of an image, trained on the owners' training images;
+    returns images (uint8 N,H,W,C) -> owner index, in the order of `train_items`."""
+    import numpy as np
+    import torch
+
+    from cdm.evaluate import ExtractorConfig, _fit
+    from cdm.models import FeatureNet
+
+    names = list(train_items)
+    x = torch.from_numpy(np.stack([it.pixels for v in names for it in train_items[v]]).astype(np.float32)
+                         .transpose(0, 3, 1, 2) / 127.5 - 1)
+    y = torch.tensor([i for i, v in enumerate(names) for _ in train_items[v]])
+    torch.manual_seed(0)
+    judge = FeatureNet(len(names), x.shape[1], 32, 64)
+    _fit(judge, x, y, ExtractorConfig(steps=steps))
+
+    def owner_of(images):
+        with torch.inference_mode():
+            return judge(torch.from_numpy(images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1))[1].argmax(1).numpy()
+
+    return owner_of
+
+
 def median_time(fn, repeats: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeats):

@@ -23,16 +23,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from common import console, emit, train
+from common import console, emit, owner_judge, train
 
 from cdm import api
 from cdm.data import Item, load_builtin
 from cdm.demo import top_share
-from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, _fit, frechet_distance
+from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, frechet_distance
 from cdm.folders import load_folder
 from cdm.ingest import resize_items
-from cdm.models import FeatureNet
 from cdm.pipeline import CDMPipeline, SamplingSettings
 from cdm.report import grid, to_pil
 from cdm.store import PARAGON, Store, StoreError
@@ -206,16 +204,7 @@ def part_emoji(args, sizes: Sizes, work: Path) -> dict:
     train_s = round(time.perf_counter() - t0, 1)
     # the judge: a classifier of the vendor, trained on the training images, scored on held-out ones
     names = list(vendors)
-    x = torch.from_numpy(np.stack([it.pixels for v in names for it in train_items[v]]).astype(np.float32)
-                         .transpose(0, 3, 1, 2) / 127.5 - 1)
-    y = torch.tensor([i for i, v in enumerate(names) for _ in train_items[v]])
-    torch.manual_seed(0)
-    judge = FeatureNet(len(names), 3, 32, 64)
-    _fit(judge, x, y, ExtractorConfig(steps=args.judge_steps or 5 * sizes.extractor_steps))
-
-    def vendor_of(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return judge(torch.from_numpy(images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1))[1].argmax(1).numpy()
+    vendor_of = owner_judge(train_items, args.judge_steps or 5 * sizes.extractor_steps)
 
     hx = np.stack([it.pixels for v in names for it in held[v]])
     hy = np.array([i for i, v in enumerate(names) for _ in held[v]])

@@ -92,8 +92,11 @@ def test_cli_errors_are_clear_and_exit_2(tmp_path):
 
 def test_demo_writes_a_report(tmp_path):
     out = tmp_path / "demo"
-    cdm("demo", "--out", out, "--quick", "--steps", "4", "--preset", "tiny", "--samples-per-label", "1")
+    cdm("demo", "--out", out, "--quick", "--text", "--steps", "4", "--preset", "tiny", "--samples-per-label", "1")
     report = (out / "report.md").read_text()
+    text = report.split("## Text-to-image")[1]
+    assert "a handwritten three" in text and "R-precision" in text and (out / "text-grid-1.png").exists()
+    assert np.asarray(Image.open(out / "text-grid-1.png")).shape[0] >= 10 * 8 * 6  # one row per prompt
     assert "## Attribution" in report and "ito router" in report
     assert "## Evaluation" in report and "| paragon |" in report and "| cdm-4 | uniform |" in report
     for name in ("grid-0.png", "grid-1.png", "weights-ito-4.png"):

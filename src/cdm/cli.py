@@ -83,11 +83,15 @@ def init(store: Path, image_size: int = typer.Option(8, help="Image side in pixe
          slices: int = typer.Option(4, help="SISA slices per compartment (checkpoints for fast forgetting)."),
          max_labels: int = typer.Option(16, help="Largest number of distinct labels the store will hold."),
          preset: Optional[str] = typer.Option(None, help="Denoiser preset: tiny, small, base (default by size)."),
+         batch_size: int = typer.Option(TrainConfig.batch_size, help="Training batch of every denoiser (lower it "
+                                                                     "for large images or a Stable Diffusion base)."),
          json_out: bool = typer.Option(False, "--json")) -> None:
     """Create an empty store."""
     with _errors():
+        if batch_size < 1:
+            _fail(f"--batch-size must be >= 1, got {batch_size}")
         s = api.init_store(store, image_size, channels, seed, slices, max_labels,
-                           TrainConfig(preset=preset or default_preset(image_size)))
+                           TrainConfig(preset=preset or default_preset(image_size), batch_size=batch_size))
         st = api.status(s)
         s.close()
     _emit({"store": str(store), "config": st["config"], "train": st["train"]}, json_out)
@@ -519,6 +523,8 @@ def audit(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("cdm-demo"), "--out", help="Store, samples and report.md go here."),
          quick: bool = typer.Option(False, help="A ~1 minute smoke run with fewer steps."),
+         text: bool = typer.Option(False, help="Also the text-to-image story: the digits captioned with their "
+                                               "names, prompts, alignment."),
          device: str = typer.Option("cpu"), steps: Optional[int] = typer.Option(None, hidden=True),
          preset: Optional[str] = typer.Option(None, hidden=True),
          samples_per_label: Optional[int] = typer.Option(None, hidden=True)) -> None:
@@ -526,6 +532,7 @@ def demo(out_dir: Path = typer.Option(Path("cdm-demo"), "--out", help="Store, sa
     cfg = DemoConfig.quick() if quick else DemoConfig()
     overrides = {k: v for k, v in dict(steps=steps, preset=preset, samples_per_label=samples_per_label).items()
                  if v is not None}
+    overrides["text"] = text
     with _errors():
         report = run_demo(out_dir, cfg.replace(**overrides), device, err)
     out.print(f"report: [bold]{report}[/]")

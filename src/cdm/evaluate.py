@@ -218,7 +218,7 @@ class Evaluator:
     def __init__(self, store: Store, real: list[Item], cfg: EvalConfig = EvalConfig(),
                  inception: str | Path | None = None, device: str = "cpu", extractor: ExtractorConfig = ExtractorConfig(),
                  features: Features | None = None, clip: str | Path | None = None,
-                 align: AlignConfig = AlignConfig()):
+                 align: AlignConfig = AlignConfig(), scorer: AlignScorer | None = None):
         if len(real) < 2:
             raise StoreError("evaluation needs held-out real images (at least 2)")
         want = (store.config.image_size, store.config.image_size, store.config.channels)
@@ -233,8 +233,8 @@ class Evaluator:
                 raise StoreError("a text-conditioned store is scored against held-out captioned images: "
                                  "--real FOLDER with captions")
             self.pool = [it.caption for it in pairs]
-            self.scorer = ClipScorer(clip, device) if clip else AlignScorer(align_model(store, pairs, align, device),
-                                                                            device)
+            self.scorer = scorer or (ClipScorer(clip, device) if clip else
+                                     AlignScorer(align_model(store, pairs, align, device), device))
             self.real_alignment = self.scorer.score(np.stack([it.pixels for it in pairs]), self.pool, self.pool,
                                                     seed=cfg.seed)
             if features is None and inception is None and len(store.labels()) < 2:

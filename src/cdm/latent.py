@@ -66,7 +66,7 @@ class Latents:
         self._lock = threading.Lock()
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
         with self._lock:
             return torch.cat([self.vae.encode(x[i:i + batch].to(self.device)).latent_dist.mean
                               for i in range(0, len(x), batch)]) * self.config.scaling_factor

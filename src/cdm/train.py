@@ -289,9 +289,12 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
                                beta_start=job.extra.get("beta_start", TrainConfig.beta_start),
                                beta_end=job.extra.get("beta_end", TrainConfig.beta_end)) if is_router else cfg.scheduler())
     alphas = scheduler.alphas_cumprod.to(dev)
-    x_all = torch.from_numpy(to_tensor_array(list(job.pixels))).to(dev) if len(job.pixels) else None
-    if job.extra.get("latent") and x_all is not None:  # latent diffusion: train on the frozen VAE's latents
-        x_all = load_latents(Path(job.latent_dir), LatentConfig(source=job.latent_dir, **job.extra["latent"]), dev).encode(x_all)
+    if job.extra.get("latent") and len(job.pixels):  # latent diffusion: train on the frozen VAE's latents
+        vae = load_latents(Path(job.latent_dir), LatentConfig(source=job.latent_dir, **job.extra["latent"]), dev)
+        x_all = torch.cat([vae.encode(torch.from_numpy(to_tensor_array(list(job.pixels[i:i + 64]))))
+                           for i in range(0, len(job.pixels), 64)])
+    else:
+        x_all = torch.from_numpy(to_tensor_array(list(job.pixels))).to(dev) if len(job.pixels) else None
     y_all = torch.tensor(job.labels, dtype=torch.long, device=dev)
     text = job.extra.get("text")
     if text:  # the condition is the caption's embedding; dropout gives the empty prompt's
