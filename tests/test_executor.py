@@ -126,3 +126,22 @@ def test_ray_ships_the_base_of_adapter_compartments(tmp_path, digits, cluster):
     res = api.train(b, executor=RayExecutor(threads=1))
     assert [r.name for r in res][0] == "base"  # the base first, then the adapters on it
     assert digests(a) == digests(b) and b.model("private-0").info["adapter"]["base"] == b.model("base").digest
+
+
+def test_ray_ships_the_text_encoder_and_vae_of_a_stable_diffusion_store(tmp_path, cluster):
+    pytest.importorskip("peft")
+    from .test_sd import SD_TRAIN, squares, tiny_sd_folder
+
+    sd = tiny_sd_folder(tmp_path / "sd")
+
+    def build(path):
+        s = api.init_store(path, 16, 3, 0, 2, 16, SD_TRAIN)
+        api.ingest(s, "ann", squares(0, 10), "one")
+        api.ingest(s, "bob", squares(1, 10), "one")
+        api.set_adapters(s, base_from=sd)
+        return s
+
+    a, b = build(tmp_path / "a"), build(tmp_path / "b")
+    api.train(a, executor=LocalExecutor(threads=1), router=False)
+    api.train(b, executor=RayExecutor(threads=1), router=False)
+    assert digests(a) == digests(b) and set(digests(b)) == {"ann", "bob", "base"}

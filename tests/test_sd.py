@@ -64,22 +64,30 @@ def squares(owner: int, n: int) -> list[Item]:
     return out
 
 
-def sd_store(path, sd, ann, bob):
+def sd_store(path, sd, ann, bob, kind="lora"):
     s = api.init_store(path, 16, 3, 0, 2, 16, SD_TRAIN, RouterConfig(steps=6, batch_size=16, warmup=2))
     api.ingest(s, "ann", ann, "one")
     api.ingest(s, "bob", bob, "one")
-    api.set_adapters(s, base_from=sd)
+    api.set_adapters(s, base_from=sd, kind=kind)
     api.train(s, paragon=True)
     return s
 
 
-def test_sd_folder_import_compose_and_forget(tmp_path, sd):
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_sd_folder_import_compose_and_forget(tmp_path, sd, kind):
     ann, bob = squares(0, 18), squares(1, 18)
-    s = sd_store(tmp_path / "s", sd, ann, bob)
+    s = sd_store(tmp_path / "s", sd, ann, bob, kind)
     st = api.status(s)
     assert st["adapters"]["base"] == "ready" and st["latent"]["factor"] == 2 and st["text"]["dim"] == 32
     assert api.train_config(s).beta_schedule == "scaled_linear" and api.train_config(s).beta_end == 0.012
-    assert {n: s.model(n).info.get("adapter") is not None for n in ("ann", "bob")} == {"ann": True, "bob": True}
+    assert {n: s.model(n).info["adapter"].get("kind", "lora") for n in ("ann", "bob")} == {"ann": kind, "bob": kind}
+    if kind == "full":  # a whole fine-tuned UNet, every weight moved from the base's
+        from diffusers import UNet2DConditionModel
+
+        tuned = UNet2DConditionModel.from_pretrained(s.folder(s.model("ann")))
+        base = UNet2DConditionModel.from_pretrained(sd / "unet")
+        assert all(not torch.equal(a, b) for (_, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters())
+                   if a.dim() > 1)
     # the base is the folder's UNet, byte for byte
     assert (s.folder(s.model("base")) / "diffusion_pytorch_model.safetensors").read_bytes() == \
         (sd / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
@@ -88,13 +96,14 @@ def test_sd_folder_import_compose_and_forget(tmp_path, sd):
         assert g.images.shape == (2, 16, 16, 3) and g.images.dtype == np.uint8
         assert g.compartments == ["ann", "bob"]
         assert np.allclose(g.attribution.sum(axis=1), 1.0)
-    loop = api.sample(s, 2, prompt="a blue square", steps=3, seed=4, adapter_mode="loop")
-    merged = api.sample(s, 2, prompt="a blue square", steps=3, seed=4)
-    assert np.abs(loop.images.astype(int) - merged.images.astype(int)).max() <= 2  # unmerged vs merged LoRA
+    if kind == "lora":
+        loop = api.sample(s, 2, prompt="a blue square", steps=3, seed=4, adapter_mode="loop")
+        merged = api.sample(s, 2, prompt="a blue square", steps=3, seed=4)
+        assert np.abs(loop.images.astype(int) - merged.images.astype(int)).max() <= 2  # unmerged vs merged LoRA
     victim = ann[5].hash
     res = forget(s, items=[victim])
     assert {x["name"] for x in res.retrained} == {"ann", "paragon", "router"}
-    ref = sd_store(tmp_path / "ref", sd, [it for it in ann if it.hash != victim], bob)
+    ref = sd_store(tmp_path / "ref", sd, [it for it in ann if it.hash != victim], bob, kind)
     assert digests(s) == digests(ref)
     assert np.array_equal(api.sample(s, 2, prompt="a red square", steps=3).images,
                           api.sample(ref, 2, prompt="a red square", steps=3).images)
@@ -153,3 +162,11 @@ def test_sd_folder_with_prompt_compartments(tmp_path, sd):
     assert s.model("ann").info["adapter"] == {"kind": "prompt", "tokens": 2, "base": a.base_from}
     g = api.sample(s, 2, prompt="a green square", steps=3, router="classifier")
     assert g.images.shape == (2, 16, 16, 3) and g.compartments == ["ann", "bob"]
+
+
+def test_an_items_latent_does_not_depend_on_its_company(sd):
+    from cdm.latent import Latents, check_vae
+
+    vae = Latents(sd / "vae", check_vae(sd / "vae"))
+    x = torch.rand(19, 3, 16, 16) * 2 - 1
+    assert torch.equal(vae.encode(x)[17], vae.encode(x[17:18])[0]) and torch.equal(vae.encode(x[10:])[7], vae.encode(x)[17])

@@ -248,6 +248,8 @@ def test_served_prompts_stay_inside_the_policy(tmp_path, owners):
     with Server(create_app(tmp_path / "s", policy, ServeConfig(max_n=4, max_steps=10))) as url, \
             httpx.Client(base_url=url, timeout=60) as c:
         h = {"X-API-Key": key}
+        page = c.get("/").text + c.get("/app.js").text
+        assert 'id="prompt"' in page and "body.prompt" in page  # the web page's prompt box
         info = c.get("/v1/compartments", headers=h).json()
         assert info["text"] is True and info["compartments"] == ["ann"] and info["labels"] == []
         r = c.post("/v1/generate", json={"n": 2, "prompt": "handwritten nine", "steps": 4, "seed": 7,
@@ -283,7 +285,7 @@ def test_prompt_compartments_train_compose_and_forget_exactly(tmp_path, owners, 
         assert list(weights) == ["prompt"] and weights["prompt"].shape == (3, dim)  # the whole compartment
     g = api.sample(s, 2, prompt="a digit eight", steps=3, allow=["ann", "bob"], router="classifier")
     assert g.compartments == ["ann", "bob"] and np.allclose(g.attribution.sum(axis=1), 1)
-    with pytest.raises(StoreError, match="learned prompt"):
+    with pytest.raises(StoreError, match="prompt compartment, not a LoRA adapter"):
         CDMPipeline.from_store(s, ["ann", "bob"], adapter_mode="joint")
     victim = next(r for r in s.items("bob") if r.slice == 1).hash
     res = forget(s, items=[victim])
@@ -299,3 +301,10 @@ def test_prompt_compartments_need_a_text_store(tmp_path, digits):
     with pytest.raises(StoreError, match="unknown adapter kind"):
         api.set_adapters(s, public=["digits"], kind="dora")
     assert api.adapter_config(s) is None
+
+
+def test_a_prompts_embedding_does_not_depend_on_its_company(tmp_path):
+    enc = TextEncoder(build_default(tmp_path / "enc"))
+    many = [f"caption number {i}" for i in range(37)]
+    alone = enc.encode(["caption number 20"])
+    assert torch.equal(enc.encode(many)[20], alone[0]) and torch.equal(enc.encode(many[18:23])[2], alone[0])

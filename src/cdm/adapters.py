@@ -43,7 +43,7 @@ class AdapterConfig:
     targets: str = TARGETS
     public: tuple[str, ...] = field(default_factory=tuple)
     base_from: str | None = None
-    kind: str = "lora"  # or "prompt": a learned prompt of `tokens` vectors (text-conditioned stores)
+    kind: str = "lora"  # "prompt": a learned prompt of `tokens` vectors (text stores); "full": a fine-tune of the base
     tokens: int = 4
 
     def __post_init__(self):
@@ -59,10 +59,12 @@ class AdapterConfig:
         """What an adapter's weights depend on besides its items (goes into its spec)."""
         if self.kind == "prompt":
             return dict(kind="prompt", tokens=self.tokens)
+        if self.kind == "full":
+            return dict(kind="full")
         return dict(rank=self.rank, alpha=self.alpha, targets=self.targets)
 
 
-ADAPTER_KINDS = ("lora", "prompt")
+ADAPTER_KINDS = ("lora", "prompt", "full")
 
 
 def check_kind(kind: str, tokens: int) -> None:
@@ -74,6 +76,11 @@ def check_kind(kind: str, tokens: int) -> None:
 
 def is_prompt(recipe: dict) -> bool:
     return recipe.get("kind") == "prompt"
+
+
+def is_full(recipe: dict) -> bool:
+    """A full fine-tune of the base: every weight trains, the compartment is a whole UNet."""
+    return recipe.get("kind") == "full"
 
 
 class PromptModel(torch.nn.Module):

@@ -85,13 +85,15 @@ def init(store: Path, image_size: int = typer.Option(8, help="Image side in pixe
          preset: Optional[str] = typer.Option(None, help="Denoiser preset: tiny, small, base (default by size)."),
          batch_size: int = typer.Option(TrainConfig.batch_size, help="Training batch of every denoiser (lower it "
                                                                      "for large images or a Stable Diffusion base)."),
+         lr: float = typer.Option(TrainConfig.lr, help="Learning rate of every denoiser (fine-tuning a pretrained "
+                                                       "base wants less, e.g. 1e-4 for LoRA, 1e-5 for full)."),
          json_out: bool = typer.Option(False, "--json")) -> None:
     """Create an empty store."""
     with _errors():
-        if batch_size < 1:
-            _fail(f"--batch-size must be >= 1, got {batch_size}")
+        if batch_size < 1 or not lr > 0:
+            _fail(f"--batch-size must be >= 1 and --lr > 0, got {batch_size} and {lr}")
         s = api.init_store(store, image_size, channels, seed, slices, max_labels,
-                           TrainConfig(preset=preset or default_preset(image_size), batch_size=batch_size))
+                           TrainConfig(preset=preset or default_preset(image_size), batch_size=batch_size, lr=lr))
         st = api.status(s)
         s.close()
     _emit({"store": str(store), "config": st["config"], "train": st["train"]}, json_out)
@@ -193,8 +195,9 @@ def adapters(store: Path, public: Optional[list[str]] = typer.Option(None, help=
              base_from: Optional[Path] = typer.Option(None, help="Import the base from a diffusers UNet folder, or a "
                                                                  "Stable Diffusion folder (its UNet, text encoder, "
                                                                  "VAE and schedule)."),
-             kind: str = typer.Option("lora", help="lora (a LoRA adapter per compartment) or prompt (a learned "
-                                                   "prompt per compartment; text-conditioned stores)."),
+             kind: str = typer.Option("lora", help="lora (a LoRA adapter per compartment), prompt (a learned "
+                                                   "prompt per compartment; text-conditioned stores) or full (a full "
+                                                   "fine-tune of the base per compartment)."),
              rank: int = typer.Option(4, help="LoRA rank of each compartment's adapter."),
              alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scale = alpha / rank; default 4 x rank)."),
              tokens: int = typer.Option(4, help="Vectors of each compartment's learned prompt (--kind prompt)."),
@@ -214,8 +217,8 @@ def adapters(store: Path, public: Optional[list[str]] = typer.Option(None, help=
             out.print("compartments are full models")
         else:
             base = f"trained on public source(s) {', '.join(a.public)}" if a.public else f"imported ({a.base_from[:12]})"
-            what = (f"learned prompts ({a.tokens} vectors)" if a.kind == "prompt" else
-                    f"LoRA adapters (rank {a.rank}, alpha {a.alpha:g})")
+            what = {"prompt": f"learned prompts ({a.tokens} vectors)", "full": "full fine-tunes"}.get(
+                a.kind, f"LoRA adapters (rank {a.rank}, alpha {a.alpha:g})")
             out.print(f"compartments are {what} on a base model {base}")
 
 

@@ -185,10 +185,16 @@ def _pack(t: Task) -> dict[str, bytes]:
             break
     if (t.work_dir / RESUME).exists():
         files[f"work/{RESUME}"] = (t.work_dir / RESUME).read_bytes()
-    if t.job.base_dir:
-        for p in sorted(Path(t.job.base_dir).iterdir()):
-            files[f"base/{p.name}"] = p.read_bytes()
+    for part, folder in _folders(t.job).items():  # read-only inputs named by digest in the job's spec
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_file():
+                files[f"{part}/{p.relative_to(folder).as_posix()}"] = p.read_bytes()
     return files
+
+
+def _folders(job: TrainJob) -> dict[str, str]:
+    """A job's input folders: an adapter's base, a text store's encoder, a latent store's VAE."""
+    return {k: v for k, v in (("base", job.base_dir), ("text", job.text_dir), ("vae", job.latent_dir)) if v}
 
 
 def _unpack(t: Task, out: dict) -> Outcome:
@@ -237,8 +243,8 @@ def _ray_task(job: TrainJob, files: dict[str, bytes], device: str, threads: int,
         for rel, data in files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
-        if job.base_dir:
-            job = replace(job, base_dir=str(root / "base"))
+        moved = {"base": "base_dir", "text": "text_dir", "vae": "latent_dir"}
+        job = replace(job, **{moved[k]: str(root / k) for k in _folders(job)})
         shipped = {rel.split("/", 1)[1] for rel in files if rel.startswith("ckpt/")}
         with _threads(threads) as n:
             res = train_job(job, root / "out", root / "ckpt", root / "work", device, progress)

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from .adapters import ADAPTER_WEIGHTS, AdapterBank, PromptModel, is_prompt, merged
+from .adapters import ADAPTER_WEIGHTS, AdapterBank, PromptModel, is_full, is_prompt, merged
 from .models import RouterNet, unet_class
 from .latent import load_latents
 from .recipes import latent_config, latent_dir, text_config, text_dir
@@ -41,7 +41,9 @@ def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
     channels-last (the same weights, rounding may differ): 5-14% faster sampling on CPU."""
     row, folder = _checked(store, name)
     adapter = row.info.get("adapter")
-    if adapter:
+    if adapter and is_full(adapter) and store.model(BASE).digest != adapter["base"]:
+        raise StoreError(f"compartment {name!r} is a fine-tune of another base model; retrain with `cdm train`")
+    if adapter and not is_full(adapter):
         base = load_unet(store, BASE, device)
         if store.model(BASE).digest != adapter["base"]:
             raise StoreError(f"compartment {name!r} is an adapter on another base model; retrain with `cdm train`")
@@ -62,9 +64,9 @@ def load_bank(store: Store, names: list[str], device: str = "cpu") -> AdapterBan
     rows = {n: _checked(store, n) for n in names}
     base_row = store.model(BASE)
     for n, (row, _) in rows.items():
-        if is_prompt(row.info.get("adapter") or {}):
-            raise StoreError(f"compartment {n!r} is a learned prompt: prompt compartments run in adapter mode "
-                             "'merged' (they share one base already)")
+        if is_prompt(row.info.get("adapter") or {}) or is_full(row.info.get("adapter") or {}):
+            raise StoreError(f"compartment {n!r} is a {row.info['adapter']['kind']} compartment, not a LoRA adapter: "
+                             "it runs in adapter mode 'merged'")
         if not row.info.get("adapter") or base_row is None or row.info["adapter"]["base"] != base_row.digest:
             raise StoreError(f"compartment {n!r} is not an adapter on this store's base model")
     base = load_unet(store, BASE, device)

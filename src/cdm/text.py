@@ -179,13 +179,22 @@ class TextEncoder:
                 raise StoreError(self.too_long(p, n, what))
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Embeddings of `prompts` (the last hidden states, every position), float32."""
+    def encode(self, prompts: list[str], chunk: int = 16) -> torch.Tensor:
+        """Embeddings of `prompts` (the last hidden states, every position), float32. Calls run
+        on exactly `chunk` prompts (the last one padded), so a prompt's embedding does not depend
+        on the prompts encoded with it: forgetting a caption leaves the others' bits alone."""
         self.check(prompts)
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=False,
-                             return_tensors="pt")
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=False,
+                             return_tensors="pt")["input_ids"]
+        out = []
         with self._lock:
-            return self.model(tok["input_ids"].to(self.device)).last_hidden_state.float()
+            for i in range(0, len(ids), chunk):
+                part = ids[i:i + chunk]
+                pad = chunk - len(part)
+                if pad:
+                    part = torch.cat([part, part[-1:].expand(pad, -1)])
+                out.append(self.model(part.to(self.device)).last_hidden_state.float()[:chunk - pad])
+        return torch.cat(out)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 
-from .adapters import ADAPTER_WEIGHTS, PromptModel, adapter_state, attach, is_prompt, lora_config
+from .adapters import ADAPTER_WEIGHTS, PromptModel, adapter_state, attach, is_full, is_prompt, lora_config
 from .data import to_tensor_array
 from .denoisers import unet_inputs
 from .latent import LatentConfig, load_latents
@@ -194,7 +194,8 @@ def prune_checkpoints(job: TrainJob, ckpt_dir: Path) -> list[str]:
 
 
 def weights_file(job: TrainJob) -> str:
-    return ADAPTER_WEIGHTS if job.extra.get("adapter") else WEIGHTS
+    adapter = job.extra.get("adapter")
+    return ADAPTER_WEIGHTS if adapter and not is_full(adapter) else WEIGHTS
 
 
 def _adapter_model(job: TrainJob):
@@ -209,6 +210,8 @@ def _adapter_model(job: TrainJob):
     base = unet_class(UNet2DModel.load_config(job.base_dir)).from_pretrained(job.base_dir, low_cpu_mem_usage=False)
     if is_prompt(job.extra["adapter"]):
         return PromptModel.fresh(base, job.extra["adapter"], job.seed)
+    if is_full(job.extra["adapter"]):
+        return base.requires_grad_(True)
     return attach(base, job.extra["adapter"], job.seed)
 
 
@@ -220,7 +223,7 @@ def _text_conditions(job: TrainJob, device: torch.device) -> tuple[torch.Tensor,
     enc = load_encoder(Path(job.text_dir), job.extra["text"]["encoder"])
     prompts = ["", *dict.fromkeys(c for c in job.captions if c)]
     row = {p: i for i, p in enumerate(prompts)}
-    emb = torch.cat([enc.encode(prompts[i:i + 256]) for i in range(0, len(prompts), 256)]).to(device)
+    emb = enc.encode(prompts).to(device)
     return emb, torch.tensor([row[c or ""] for c in job.captions], device=device)
 
 
@@ -351,7 +354,7 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
         ema.copy_to(params)
     if adapter and is_prompt(adapter):
         save_file({"prompt": model.prompt.detach().cpu().contiguous()}, str(out_dir / ADAPTER_WEIGHTS))
-    elif adapter:
+    elif adapter and not is_full(adapter):
         save_file(adapter_state(model.to("cpu")), str(out_dir / ADAPTER_WEIGHTS))
         lora_config(adapter).save_pretrained(str(out_dir))  # peft's adapter_config.json
     else:
