@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +30,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from .data import Item, to_tensor_array
-from .store import Store, StoreError, private_files
+from .store import Store, StoreError, write_folder_once
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -126,14 +123,12 @@ def align_model(store: Store, pairs: list[Item], cfg: AlignConfig = AlignConfig(
     folder = store.eval_dir() / "align" / spec[:16]
     if not folder.exists():
         net = fit_align(pairs, cfg)
-        tmp = folder.parent / f".tmp-{uuid.uuid4().hex}"
-        with private_files():
+
+        def write(tmp: Path) -> None:
             net.save_pretrained(tmp, safe_serialization=True)
             (tmp / "cdm.json").write_text(json.dumps(dict(spec=spec, pairs=len(pairs), config=asdict(cfg))))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process cached the same spec first
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_folder_once(folder, write)
     return AlignNet.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
 
 

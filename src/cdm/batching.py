@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .denoisers import Cond, Denoiser, cond_cat, cond_rows
+from .denoisers import Cond, Denoiser, cond_cat, cond_rows, fixed_chunks
 
 
 def model_key(denoiser: Denoiser):
@@ -32,15 +32,8 @@ def model_key(denoiser: Denoiser):
 
 
 def chunked(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Cond, chunk: int) -> torch.Tensor:
-    """denoiser on `chunk` rows at a time, the last chunk padded with copies of row 0."""
-    out = []
-    for start in range(0, len(x), chunk):
-        rows = torch.arange(start, min(start + chunk, len(x)), device=x.device)
-        pad = chunk - len(rows)
-        if pad:
-            rows = torch.cat([rows, rows.new_full((pad,), start)])
-        out.append(denoiser(x[rows], t[rows], cond_rows(cond, rows))[:chunk - pad])
-    return torch.cat(out)
+    """denoiser on `chunk` rows at a time, the last chunk padded with copies of its first row."""
+    return fixed_chunks(lambda rows: denoiser(x[rows], t[rows], cond_rows(cond, rows)), len(x), chunk, x.device)
 
 
 @dataclass

@@ -27,6 +27,21 @@ def cond_cat(*conds: Cond) -> Cond:
     return torch.cat(conds)
 
 
+def fixed_chunks(fn: Callable[[torch.Tensor], torch.Tensor], n: int, chunk: int,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """fn(rows) on exactly `chunk` row indices at a time (the last chunk padded with copies of
+    its first row), concatenated without the padding. Every call has the same shape, so a
+    row's result does not depend on the rows computed with it."""
+    out = []
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n), device=device)
+        pad = chunk - len(rows)
+        if pad:
+            rows = torch.cat([rows, rows.new_full((pad,), start)])
+        out.append(fn(rows)[:chunk - pad])
+    return torch.cat(out)
+
+
 def cond_rows(c: Cond, rows: torch.Tensor) -> Cond:
     """The condition of some rows."""
     if isinstance(c, dict):

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from .models import FeatureNet
 from .pipeline import CDMPipeline, SamplingSettings
 from .plan import model_state
 from .recipes import text_config
-from .store import PARAGON, Store, StoreError, private_files
+from .store import PARAGON, Store, StoreError, write_folder_once
 
 
 @dataclass(frozen=True)
@@ -129,14 +127,12 @@ def feature_extractor(store: Store, cfg: ExtractorConfig = ExtractorConfig(), de
             torch.manual_seed(cfg.seed)
             net = FeatureNet(store.config.max_labels, store.config.channels, cfg.width, cfg.features)
         _fit(net, x, y, cfg)
-        tmp = folder.parent / f".tmp-{uuid.uuid4().hex}"
-        with private_files():  # features of the store's items: owner-only like the store
+
+        def write(tmp: Path) -> None:  # features of the store's items: owner-only like the store
             net.save_pretrained(tmp, safe_serialization=True)
             (tmp / "cdm.json").write_text(json.dumps(dict(spec=spec, items=len(rows), config=asdict(cfg))))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process cached the same spec first
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_folder_once(folder, write)
         for old in folder.parent.iterdir():  # older specs saw other (perhaps forgotten) items
             if old != folder and not old.name.startswith(".tmp-"):
                 shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .denoisers import fixed_chunks
 from .store import StoreError, file_digest
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -69,15 +70,9 @@ class Latents:
     def encode(self, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
         """Scaled posterior means. Calls run on exactly `batch` images (the last one padded), so an
         item's latent does not depend on the items encoded with it (exact forgetting)."""
-        out = []
         with self._lock:
-            for i in range(0, len(x), batch):
-                part = x[i:i + batch]
-                pad = batch - len(part)
-                if pad:
-                    part = torch.cat([part, part[-1:].expand(pad, -1, -1, -1)])
-                out.append(self.vae.encode(part.to(self.device)).latent_dist.mean[:batch - pad])
-        return torch.cat(out) * self.config.scaling_factor
+            return fixed_chunks(lambda rows: self.vae.encode(x[rows].to(self.device)).latent_dist.mean,
+                                len(x), batch) * self.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -136,6 +136,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_folder_once(folder: Path, write) -> None:
+    """Create a cache folder atomically: `write(tmp)` fills a temporary folder (owner-only),
+    which is renamed to `folder`; if another process made it first, theirs is kept."""
+    tmp = folder.parent / f".tmp-{uuid.uuid4().hex}"
+    with private_files():
+        write(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class Store:
     """Open with `Store.open(path)`; create with `Store.init(path, StoreConfig(...))`."""
 

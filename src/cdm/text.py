@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .denoisers import fixed_chunks
 from .store import StoreError
 
 ENCODER, TOKENIZER = "text_encoder", "tokenizer"
@@ -186,15 +187,9 @@ class TextEncoder:
         self.check(prompts)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=False,
                              return_tensors="pt")["input_ids"]
-        out = []
         with self._lock:
-            for i in range(0, len(ids), chunk):
-                part = ids[i:i + chunk]
-                pad = chunk - len(part)
-                if pad:
-                    part = torch.cat([part, part[-1:].expand(pad, -1)])
-                out.append(self.model(part.to(self.device)).last_hidden_state.float()[:chunk - pad])
-        return torch.cat(out)
+            return fixed_chunks(lambda rows: self.model(ids[rows].to(self.device)).last_hidden_state.float(),
+                                len(ids), chunk)
 
 
 @dataclass(frozen=True)
