@@ -342,6 +342,9 @@ def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
                   + f": {a['base']}")
     if st["text"]:
         out.print(f"conditioned on captions: text encoder {escape(st['text']['source'])} ({st['text']['digest'][:12]})")
+    if st["latent"]:
+        out.print(f"latent space: VAE {escape(st['latent']['source'])} ({st['latent']['digest'][:12]}, "
+                  f"{st['latent']['factor']}x smaller, {st['latent']['channels']} channels)")
     if st["policy"]:
         out.print("store policy: " + escape("; ".join(f"{u}: {', '.join(r['compartments']) or '(nothing)'}"
                                                       for u, r in st["policy"].items())))

@@ -192,12 +192,13 @@ class TextEncoder:
                                 len(ids), chunk)
 
 
-@dataclass(frozen=True)
 class Prompts:
     """Conditioning on prompts, under the denoiser convention: cond = {"text": (B, L, D)}.
     The empty prompt is the null condition (caption dropout in training, guidance here)."""
 
-    encoder: TextEncoder
+    def __init__(self, encoder: TextEncoder):
+        self.encoder = encoder
+        self._null = encoder.encode([""])
 
     def encode(self, prompts: list[str], device: torch.device | str = "cpu") -> dict:
         uniq = list(dict.fromkeys(prompts))
@@ -206,7 +207,7 @@ class Prompts:
         return {"text": emb[index].to(device)}
 
     def null(self, rows: int, device: torch.device | str = "cpu") -> dict:
-        return {"text": self.encoder.encode([""]).to(device).expand(rows, -1, -1).contiguous()}
+        return {"text": self._null.to(device).expand(rows, -1, -1).contiguous()}
 
 
 _ENCODERS: dict[tuple, TextEncoder] = {}
