@@ -3,6 +3,8 @@ Prints JSON, then a markdown table; grids go to --work.
 
     python bench/text2image.py           # 16 px, google + twitter, ~1 h on 2 CPU cores
     python bench/text2image.py --quick   # smoke-sized
+    python bench/text2image.py --kinds   # only: s/step of full, LoRA and prompt compartments
+    python bench/text2image.py --digits  # only: captioned digits, do prompts steer the models?
 
 Needs the vendor folders of `python bench/emoji.py --out bench-work/emoji`. Every store is
 text-conditioned with the embedded data-free encoder (cdm.text) and sampled with the ito
@@ -20,7 +22,9 @@ prompted with their names; R-precision and the CLIP-style score come from cdm.al
 (trained on the held-out pairs only), FID from one feature extractor (emoji categories)
 for every store, memorization against each store's own items, and owner attribution is
 whether the top-attributed compartment is the vendor a judge (trained on the training
-images) sees in the sample.
+images) sees in the sample. The `_seen` columns prompt with captions the models were
+trained on instead (distinct training captions, a scorer fit to the training pairs):
+whether a model follows the prompts it learned, where unseen names test generalisation.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -105,9 +110,72 @@ def store_at(path: Path, sizes: Sizes, steps: int, sources: dict[str, list[Item]
     return s
 
 
+def kinds(sizes: Sizes, repeats: int = 5, steps: int = 10) -> None:
+    """Seconds per training step of a full, LoRA and prompt compartment on the same base (batch 64,
+    the store's preset, text width 64), interleaved and repeated: medians and ratios to full."""
+    import torch
+
+    from cdm.adapters import AdapterConfig, PromptModel, attach
+    from cdm.models import build_unet, text_unet_config
+
+    conf = text_unet_config(sizes.preset, sizes.size, 3, 64)
+    models = {"full": build_unet(conf, 0), "lora": attach(build_unet(conf, 0), AdapterConfig(public=("p",)).recipe(), 1),
+              "prompt": PromptModel.fresh(build_unet(conf, 0), {"tokens": 8}, 2)}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]) for k, m in models.items()}
+    x, e = torch.randn(64, 3, sizes.size, sizes.size), torch.randn(64, 77, 64)
+    times = {k: [] for k in models}
+    for r in range(repeats + 1):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = m(x, torch.randint(0, 1000, (64,)), encoder_hidden_states=e).sample.pow(2).mean()
+                opts[k].zero_grad()
+                loss.backward()
+                opts[k].step()
+            if r:  # the first round warms up
+                times[k].append((time.perf_counter() - t0) / steps)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+    out = dict(preset=sizes.preset, size=sizes.size, batch=64, repeats=repeats, steps=steps, seconds_per_step=med,
+               ratio_to_full={k: v / med["full"] for k, v in med.items()}, trainable_parameters=trainable)
+    emit(out, "seconds per training step by compartment kind", ["kind", "s/step", "ratio to full", "trainable"],
+         [[k, f"{med[k]:.4f}", f"{med[k] / med['full']:.2f}", trainable[k]] for k in models])
+
+
+def digits(work: Path, steps: int, samples: int = 200) -> None:
+    """Do prompts steer the models? The builtin digits captioned `a handwritten <name>`, iid:2
+    and the paragon; the feature net's conditional accuracy on prompted samples (chance 0.1)."""
+    from cdm.data import load_builtin
+    from cdm.pipeline import CDMPipeline, SamplingSettings
+
+    words = "zero one two three four five six seven eight nine".split()
+    try:
+        s = Store.open(work)
+    except StoreError:
+        s = api.init_store(work, 8, 1, 0, 2, 16, TrainConfig(preset="small", steps=steps), RouterConfig(steps=100))
+        api.ingest(s, "digits", [replace(it, caption=f"a handwritten {words[int(it.label)]}")
+                                 for it in load_builtin("digits")], "iid:2")
+        api.set_text(s)
+    train(s, paragon=True, router=False)
+    feats = Features(s, cfg=ExtractorConfig(steps=300))
+    prompts = [f"a handwritten {words[i % 10]}" for i in range(samples)]
+    rows = []
+    for name, kw in (("paragon", dict(paragon=True)), ("CDM-2, ito", dict(router="ito"))):
+        for g in (1.0, 2.0):
+            out = CDMPipeline.from_store(s, **kw)(samples, settings=SamplingSettings(steps=25, guidance=g, seed=1),
+                                                  prompt=prompts)
+            rows.append(dict(model=name, guidance=g,
+                             accuracy=float((feats(out.images)[1] == np.arange(samples) % 10).mean())))
+    emit(dict(steps=steps, samples=samples, results=rows), "prompted digits: conditional accuracy (chance 0.1)",
+         ["model", "guidance", "accuracy"], [[r["model"], r["guidance"], f"{r['accuracy']:.3f}"] for r in rows])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kinds", action="store_true", help="only: seconds per training step of full, LoRA and "
+                                                         "prompt compartments, side by side")
+    ap.add_argument("--digits", action="store_true", help="only: do prompts steer the models (captioned digits)")
     ap.add_argument("--emoji", type=Path, default=Path("bench-work/emoji"), help="output of bench/emoji.py")
     ap.add_argument("--work", type=Path, default=Path("bench-work/text2image"))
     ap.add_argument("--steps", type=int, default=None, help="override T")
@@ -115,6 +183,10 @@ def main() -> None:
     sizes = QUICK if args.quick else DEFAULT
     if args.steps:
         sizes = replace(sizes, steps=args.steps)
+    if args.kinds:
+        return kinds(sizes, 2 if args.quick else 5)
+    if args.digits:
+        return digits(args.work / ("quick" if args.quick else "default") / "digits", 60 if args.quick else 800)
     work = args.work / ("quick" if args.quick else "default") / f"T{sizes.steps}"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -137,12 +209,26 @@ def main() -> None:
     for name, (s, _, _) in stores.items():
         console.print(f"training {name}")
         t0 = time.perf_counter()
-        train(s, paragon=name == "vendor-2", router=False)
+        train(s, compartments=names if "LoRA" in name else None, paragon=name == "vendor-2", router=False)
         seconds[name] = round(time.perf_counter() - t0, 1)
+    # prompt compartments: a copy of the LoRA store (the same base), each vendor's adapter a learned prompt
+    if not (work / "vendor-prompt").exists():
+        shutil.copytree(work / "vendor-lora", work / "vendor-prompt")
+    prompts = store_at(work / "vendor-prompt", sizes, T, {}, adapters=dict(public=["public"], kind="prompt", tokens=8))
+    console.print("training vendor-2 prompt")
+    t0 = time.perf_counter()
+    train(prompts, compartments=names, router=False)
+    seconds["vendor-2 prompt"] = round(time.perf_counter() - t0, 1)
+    stores["vendor-2 prompt"] = (prompts, "equal steps, base not counted", T)
     heldout = [it for v in names for it in held[v]]
     base = stores["vendor-2"][0]
     features = Features(base, cfg=ExtractorConfig(steps=sizes.extractor_steps))
     scorer = AlignScorer(align_model(base, heldout, AlignConfig(steps=sizes.align_steps)))
+    # prompts the models were trained on: a scorer fit to the training pairs, one item per distinct caption
+    seen_scorer = AlignScorer(align_model(base, every, AlignConfig(steps=sizes.align_steps)))
+    by_caption = {it.caption: it for it in every}
+    pick = np.random.default_rng(0).choice(sorted(by_caption), min(sizes.samples, len(by_caption)), replace=False)
+    seen = [by_caption[c] for c in pick]
     judge = owner_judge(train_items, sizes.judge_steps)
     cfg = EvalConfig(samples=sizes.samples, steps=sizes.sample_steps, guidance=sizes.guidance, batch_size=250)
     rows, para_fid = [], None
@@ -164,6 +250,8 @@ def main() -> None:
             top = np.array([names.index(c) for c in np.array(g.compartments)[g.attribution.argmax(1)]])
             row["owner_attribution"] = float((top == judge(g.images)).mean())
         row["real_r_precision"] = ev.real_alignment.r_precision
+        m_seen = Evaluator(s, seen, cfg, features=features, scorer=seen_scorer).run(label, **run)
+        row["r_precision_seen"], row["clip_score_seen"] = m_seen.r_precision, m_seen.clip_score
         rows.append(row)
         to_pil(grid(g.images[:64], 8), 4).save(work / f"{label.replace(' ', '_')}.png")
         console.print(row)
@@ -171,21 +259,14 @@ def main() -> None:
     score("paragon", base, "all data", T, paragon=True)
     for name, (s, budget, steps) in stores.items():
         score(name, s, budget, steps, allow=[c for c in sorted(s.compartments()) if c != "public"], router="ito")
-    # prompt compartments: the same store and base, each vendor's adapter now a learned prompt
-    lora = stores["vendor-2 LoRA"][0]
-    api.set_adapters(lora, public=["public"], kind="prompt", tokens=8)
-    t0 = time.perf_counter()
-    train(lora, router=False)
-    seconds["vendor-2 prompt"] = round(time.perf_counter() - t0, 1)
-    score("vendor-2 prompt", lora, "equal steps, base not counted", T, allow=names, router="ito")
     out = dict(sizes=asdict(sizes), vendors={v: len(train_items[v]) for v in names},
                public={v: len(public[v]) for v in names}, held_out={v: len(held[v]) for v in names},
                captions_dropped_too_long=dropped, train_seconds=seconds, results=rows,
                real_r_precision=rows[0]["real_r_precision"],
                wall_seconds=round(time.perf_counter() - t_start, 1))
     (work / "result.json").write_text(json.dumps(out, indent=2, default=str))
-    header = ["store", "budget", "steps", "fid", "fid_ratio", "r_precision", "clip_score", "owner_attribution",
-              "memorized", "bytes_per_model", "train_s_per_model"]
+    header = ["store", "budget", "steps", "fid", "fid_ratio", "r_precision", "clip_score", "r_precision_seen",
+              "clip_score_seen", "owner_attribution", "memorized", "bytes_per_model", "train_s_per_model"]
     emit(out, f"text2image: {json.dumps(asdict(sizes))}", header,
          [["" if r.get(k) is None else f"{r[k]:.4g}" if isinstance(r[k], float) else r[k] for k in header] for r in rows])
 
