@@ -1,6 +1,6 @@
 """The package's import graph, function-local imports included, has no cycles. A function-local
 import is kept only for an optional dependency (ray, peft) or a heavy one used by few commands
-(sklearn, matplotlib, the HTTP stack), so `cdm` starts without them."""
+(sklearn, matplotlib, the HTTP stack, transformers for text stores), so `cdm` starts without them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import cdm
 
 PKG = Path(cdm.__file__).parent
-LAZY_OK = {"peft", "ray", "sklearn", "matplotlib", "uvicorn", ".serve"}
+LAZY_OK = {"peft", "ray", "sklearn", "matplotlib", "uvicorn", ".serve", "transformers"}  # transformers: text stores
 
 
 def _modules() -> dict[str, ast.Module]:

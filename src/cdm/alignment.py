@@ -31,6 +31,7 @@ from torch import nn
 
 from .data import Item, to_tensor_array
 from .store import Store, StoreError, write_folder_once
+from .text import quiet_transformers
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -185,9 +186,7 @@ class ClipScorer(AlignScorer):
     def __init__(self, folder: str | Path, device: str = "cpu"):
         from transformers import CLIPModel, CLIPTokenizer
 
-        from .text import _quiet
-
-        _quiet()
+        quiet_transformers()
         folder = Path(folder)
         try:
             self.model = CLIPModel.from_pretrained(folder).to(device).eval()

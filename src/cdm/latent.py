@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 
 from .denoisers import fixed_chunks
 from .store import StoreError, file_digest
@@ -41,8 +42,6 @@ def vae_digest(folder: Path) -> str:
 
 def check_vae(folder: Path) -> LatentConfig:
     """Validate a diffusers AutoencoderKL folder; the error names the folder and what is wrong."""
-    from diffusers import AutoencoderKL
-
     if not (folder / "config.json").is_file() or not (folder / VAE_WEIGHTS).is_file():
         raise StoreError(f"{folder} is not a diffusers AutoencoderKL folder (needs config.json and {VAE_WEIGHTS})")
     conf = AutoencoderKL.load_config(folder)
@@ -60,8 +59,6 @@ class Latents:
     """A frozen VAE: images in [-1, 1] <-> scaled latents."""
 
     def __init__(self, folder: Path, config: LatentConfig, device: str | torch.device = "cpu"):
-        from diffusers import AutoencoderKL
-
         self.vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval().requires_grad_(False)
         self.config, self.device = config, torch.device(device)
         self._lock = threading.Lock()

@@ -16,6 +16,8 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from diffusers import UNet2DConditionModel
+
 from .adapters import AdapterConfig
 from .latent import VAE_WEIGHTS, check_vae, latent_shape, read_json
 from .recipes import latent_dir, train_config
@@ -72,8 +74,6 @@ def check_sd_folder(store: Store, folder: Path) -> dict:
     if levels > 0 and size % 2 ** levels:
         raise StoreError(f"{unet} halves its input {levels} times; the store's latents are {size} wide "
                          f"(choose an image size that is a multiple of {latent.factor * 2 ** levels})")
-    from diffusers import UNet2DConditionModel
-
     try:
         UNet2DConditionModel.from_pretrained(unet, low_cpu_mem_usage=False)
     except Exception as e:

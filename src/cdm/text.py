@@ -57,7 +57,7 @@ def _byte_symbols() -> list[str]:
     return [out[b] for b in range(256)]
 
 
-def _quiet() -> None:
+def quiet_transformers() -> None:
     """No load reports or progress bars from transformers on every open and save."""
     from transformers.utils import logging
 
@@ -71,7 +71,7 @@ def build_default(folder: Path, max_length: int = 77, width: int = 64, layers: i
     small CLIPTextModel initialised from `seed`. Nothing in it comes from data."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    _quiet()
+    quiet_transformers()
     symbols = _byte_symbols()
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
@@ -146,7 +146,7 @@ class TextEncoder:
     def __init__(self, folder: Path, device: str | torch.device = "cpu"):
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        _quiet()
+        quiet_transformers()
         folder = Path(folder)
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(folder / TOKENIZER)

@@ -33,6 +33,7 @@ from .denoisers import unet_inputs
 from .latent import LatentConfig, load_latents
 from .models import build_router, build_unet, unet_class
 from .store import file_digest
+from .text import load_encoder
 
 Progress = Callable[[str, int, int, float], None]  # (job name, step done, total steps, loss)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -218,8 +219,6 @@ def _adapter_model(job: TrainJob):
 def _text_conditions(job: TrainJob, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Text stores: embeddings of the distinct captions (row 0: the empty prompt, the null
     condition), and each item's row. The encoder is checked against the digest in the spec."""
-    from .text import load_encoder
-
     enc = load_encoder(Path(job.text_dir), job.extra["text"]["encoder"])
     prompts = ["", *dict.fromkeys(c for c in job.captions if c)]
     row = {p: i for i, p in enumerate(prompts)}
