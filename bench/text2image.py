@@ -12,8 +12,8 @@ router and guidance towards the held-out prompt (the empty prompt is the null). 
 
 - vendor-2, equal steps: one full compartment per vendor, T steps each, and the paragon on
   every caption (T steps);
-- vendor-2 / iid-4, equal compute: T/2 and T/4 steps per compartment (iid-4 splits both
-  vendors' items, as one source, into 4);
+- iid-4, equal steps: both vendors' items, as one source, split into 4, T steps each;
+- vendor-2 / iid-4, equal compute: T/2 and T/4 steps per compartment;
 - vendor-2 LoRA / prompt: adapters (T steps each) on a base trained on a public quarter of
   the emoji (both vendors' images of the same emoji, T steps, not counted in the budget).
 
@@ -200,6 +200,7 @@ def main() -> None:
         "vendor-2": (store_at(work / "vendor-equal-steps", sizes, T, train_items), "equal steps", T),
         "vendor-2 (compute)": (store_at(work / "vendor-equal-compute", sizes, T // 2, train_items), "equal compute",
                                T // 2),
+        "iid-4": (store_at(work / "iid-equal-steps", sizes, T, {"all": every}, "iid:4"), "equal steps", T),
         "iid-4 (compute)": (store_at(work / "iid-equal-compute", sizes, T // 4, {"all": every}, "iid:4"),
                             "equal compute", T // 4),
         "vendor-2 LoRA": (store_at(work / "vendor-lora", sizes, T, {"public": pub, **private},
