@@ -1,7 +1,7 @@
 """Text-to-image compartments on real owners: emoji by vendor, captioned with their names.
 Prints JSON, then a markdown table; grids go to --work.
 
-    python bench/text2image.py           # 16 px, google + twitter, ~1 h on 2 CPU cores
+    python bench/text2image.py           # 16 px, google + twitter, ~2 h on 2 CPU cores from scratch
     python bench/text2image.py --quick   # smoke-sized
     python bench/text2image.py --kinds   # only: s/step of full, LoRA and prompt compartments
     python bench/text2image.py --digits  # only: captioned digits, do prompts steer the models?
