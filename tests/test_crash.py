@@ -155,3 +155,30 @@ def test_second_writer_is_refused_with_the_holder_named(tmp_path, digits):
                 pass
     with other.writing("ingest", wait=0.1):  # free again once the holder is done
         pass
+
+
+@pytest.mark.parametrize("point", ["install:renamed", "install:committed"])
+def test_stable_diffusion_import_killed_is_old_or_new_and_resumes(tmp_path, point):
+    from .test_sd import SD_TRAIN, squares, tiny_sd_folder
+
+    sd = tiny_sd_folder(tmp_path / "sd")
+
+    def fresh(path):
+        s = api.init_store(path, 16, 3, 0, 2, 16, SD_TRAIN)
+        api.ingest(s, "ann", squares(0, 6), "one")
+        return s
+
+    ref = fresh(tmp_path / "ref")
+    api.set_adapters(ref, base_from=sd)
+    fresh(tmp_path / "s").close()
+    assert run_cdm(["adapters", tmp_path / "s", "--base-from", sd], crashpoint=point) == -signal.SIGKILL
+    s = Store.open(tmp_path / "s")
+    state = (api.adapter_config(s), api.text_config(s), api.latent_config(s), s.model("base"))
+    if point == "install:renamed":  # the old store: nothing of the import is live
+        assert state == (None, None, None, None)
+    else:  # the imported one, whole
+        assert all(x is not None for x in state)
+    api.set_adapters(s, base_from=sd)  # importing again (or not at all) ends where an uninterrupted run ends
+    assert api.adapter_config(s) == api.adapter_config(ref) and api.text_config(s).digest == api.text_config(ref).digest
+    assert api.latent_config(s).digest == api.latent_config(ref).digest and digests(s) == digests(ref)
+    assert [p.name for p in (s.root / "models" / "base").iterdir()] == [s.model("base").path.split("/")[-1]]

@@ -109,15 +109,16 @@ def import_sd(store: Store, folder: Path, rank: int = 4, alpha: float | None = N
         for name in ("config.json", WEIGHTS):
             shutil.copyfile(folder / "unet" / name, tmp / name)
         recipe.scheduler().save_pretrained(tmp)
-        store.install_model(BASE, "base", f"import:{parts['unet_digest']}", tmp, WEIGHTS,
-                            dict(imported_from=str(folder / "unet")))
-        with store.tx() as db:
+        def settings(db) -> None:  # committed with the base's row: the old store or the imported one
             store.set_meta(db, "text", asdict(text))
             store.set_meta(db, "latent", asdict(latent))
             store.set_meta(db, "adapter", asdict(adapters))
             store.set_meta(db, "train", asdict(recipe))
             store.log(db, "import", {"stable_diffusion": str(folder), "unet": parts["unet_digest"],
                                      "text_encoder": text.digest, "vae": latent.digest}, actor)
+
+        store.install_model(BASE, "base", f"import:{parts['unet_digest']}", tmp, WEIGHTS,
+                            dict(imported_from=str(folder / "unet")), also=settings)
         return adapters
 
 

@@ -510,12 +510,13 @@ class Store:
         return d
 
     def install_model(self, name: str, kind: str, spec: str, tmp_dir: Path, weights_file: str,
-                      info: dict, event: dict | None = None, actor: str | None = None) -> ModelRow:
-        """Rename the finished folder to its digest, then swap the registry row in one transaction."""
+                      info: dict, event: dict | None = None, actor: str | None = None, also=None) -> ModelRow:
+        """Rename the finished folder to its digest, then swap the registry row in one transaction
+        (with `also(db)`, more writes that must commit with it)."""
         with self.writing(f"install {name}"):
-            return self._install(name, kind, spec, tmp_dir, weights_file, info, event, actor)
+            return self._install(name, kind, spec, tmp_dir, weights_file, info, event, actor, also)
 
-    def _install(self, name, kind, spec, tmp_dir, weights_file, info, event, actor) -> ModelRow:
+    def _install(self, name, kind, spec, tmp_dir, weights_file, info, event, actor, also=None) -> ModelRow:
         digest = file_digest(tmp_dir / weights_file)
         final = tmp_dir.parent / digest[:16]
         if final.exists():
@@ -529,6 +530,8 @@ class Store:
                        (name, kind, spec, digest, rel, json.dumps(info), now()))
             if event is not None:
                 self.log(db, "train", {"model": name, "digest": digest, **event}, actor)
+            if also is not None:
+                also(db)
         crashpoint("install:committed")
         self.gc_model_dirs(name)
         return self.model(name)
