@@ -180,7 +180,7 @@ def test_captions_that_do_not_fit_the_encoder_change_nothing(tmp_path, digits):
 def test_encoder_folders_missing_or_mismatched_parts_are_named(tmp_path, digits):
     s = make_store(tmp_path / "s", captioned(digits[:30]), "iid:2")
     enc = build_default(tmp_path / "enc")
-    assert check_folder(enc).dim == 64
+    assert check_folder(enc)[0].dim == 64
     broken = tmp_path / "broken"
     shutil.copytree(enc, broken)
     shutil.rmtree(broken / "tokenizer")

@@ -35,7 +35,7 @@ from .sd import import_sd, is_sd_folder
 from . import text
 from .routers import DEFAULT_ROUTER
 from .store import BASE, PARAGON, ROUTER, Store, StoreConfig, StoreError, file_digest
-from .text import TextConfig, TextEncoder, build_default, check_folder
+from .text import TextConfig, build_default, check_folder
 from .train import WEIGHTS, RouterConfig, TrainConfig, recipe_fields
 
 plan = train_plan  # the models `train` would (re)train, in order
@@ -112,16 +112,10 @@ def set_text(store: Store, encoder: str | Path | None = None, off: bool = False,
                 tmp = store.root / f".tmp-text-default-{uuid.uuid4().hex}"
                 encoder = build_default(tmp)
             try:
-                cfg = check_folder(Path(encoder))
+                cfg, enc = check_folder(Path(encoder))
                 if tmp is not None:
                     cfg = replace(cfg, source="default")
-                enc = TextEncoder(Path(encoder))
-                caps = store.captions()
-                bad = [f"item {h[:12]}: {enc.too_long(c, n, 'caption')}"
-                       for (h, c), n in zip(caps.items(), enc.lengths(list(caps.values()))) if n > enc.max_length]
-                if bad:
-                    raise StoreError(f"{len(bad)} caption(s) do not fit the text encoder, nothing changed:\n  "
-                                     + "\n  ".join(bad[:20]))
+                enc.check_store(store)
                 text.install(Path(encoder), store.root / "text", cfg.digest)
             finally:
                 if tmp is not None:

@@ -65,10 +65,7 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
                 bad_captions.append(f"{it.origin}: {e}")
     encoder = load_text(store) if captions else None
     if encoder is not None:  # a text-conditioned store: every caption must fit its encoder
-        capt = [it for it in items if id(it) in captions]
-        for it, n in zip(capt, encoder.lengths([captions[id(it)] for it in capt])):
-            if n > encoder.max_length:
-                bad_captions.append(f"{it.origin}: {encoder.too_long(captions[id(it)], n, 'caption')}")
+        bad_captions += encoder.misfits([(it.origin, captions[id(it)]) for it in items if id(it) in captions])
     if bad_captions:
         raise DataError(f"{len(bad_captions)} invalid caption(s), nothing was ingested:\n  "
                         + "\n  ".join(bad_captions[:20]))

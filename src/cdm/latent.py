@@ -77,16 +77,9 @@ class Latents:
             return self.vae.decode(z / self.config.scaling_factor).sample.clamp(-1, 1)
 
 
-_VAES: dict[tuple, Latents] = {}
-_VAES_LOCK = threading.Lock()
-
-
 def load_latents(folder: Path, config: LatentConfig, device: str | torch.device = "cpu") -> Latents:
-    """The VAE in `folder`, checked against the digest in `config` (kept in memory per digest and device)."""
-    key = (str(folder), config.digest, str(device))
-    with _VAES_LOCK:
-        if key in _VAES:
-            return _VAES[key]
+    """The VAE in `folder`, checked against the digest in `config` (`cdm.loading.load_vae` keeps it
+    in memory)."""
     try:
         ok = vae_digest(folder) == config.digest
     except OSError:
@@ -94,10 +87,7 @@ def load_latents(folder: Path, config: LatentConfig, device: str | torch.device 
     if not ok:
         raise StoreError(f"VAE files in {folder} are missing or corrupted (expected {config.digest[:12]}); "
                          "import the Stable Diffusion folder again")
-    lat = Latents(folder, config, device)
-    with _VAES_LOCK:
-        _VAES[key] = lat
-    return lat
+    return Latents(folder, config, device)
 
 
 def latent_shape(channels: int, image_size: int, latent: LatentConfig | None) -> tuple[int, int, int]:

@@ -89,13 +89,19 @@ def load_classifier(store: Store, names: list[str], device: str = "cpu") -> Clas
 def load_text(store: Store, device: str = "cpu"):
     """The store's frozen text encoder (checked against its digest), or None for a class-conditional store."""
     config = text_config(store)
-    return None if config is None else load_encoder(text_dir(store, config), config.digest, device)
+    if config is None:
+        return None
+    folder = text_dir(store, config)
+    return _cached((str(folder), config.digest, str(device), "text"), lambda: load_encoder(folder, config.digest, device))
 
 
 def load_vae(store: Store, device: str = "cpu"):
     """The store's frozen VAE (checked against its digest), or None when models see pixels."""
     config = latent_config(store)
-    return None if config is None else load_latents(latent_dir(store, config), config, device)
+    if config is None:
+        return None
+    folder = latent_dir(store, config)
+    return _cached((str(folder), config.digest, str(device), "vae"), lambda: load_latents(folder, config, device))
 
 
 def scheduler_config(store: Store, name: str) -> dict:

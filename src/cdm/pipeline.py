@@ -92,9 +92,7 @@ class Generation:
     def records(self, files: list[str] | None = None) -> list[dict]:
         out = []
         for i, lab in enumerate(self.labels):
-            r = {"index": i, "label": lab}
-            if self.prompts is not None:
-                r = {"index": i, "prompt": self.prompts[i]}
+            r = {"index": i, "label": lab} if self.prompts is None else {"index": i, "prompt": self.prompts[i]}
             if files:
                 r["file"] = files[i]
             if self.attribution is not None:

@@ -22,8 +22,8 @@ from .adapters import AdapterConfig
 from .latent import VAE_WEIGHTS, check_vae, latent_shape, read_json
 from .recipes import latent_dir, train_config
 from .store import BASE, Store, StoreError, file_digest
-from .text import TextEncoder, check_folder, install
-from .train import WEIGHTS
+from .text import check_folder, install
+from .train import WEIGHTS, TrainConfig
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -46,7 +46,7 @@ def check_sd_folder(store: Store, folder: Path) -> dict:
     if sched.get("beta_schedule", "linear") not in ("linear", "scaled_linear"):
         raise StoreError(f"{folder / 'scheduler'}: beta_schedule {sched['beta_schedule']!r} is not supported "
                          "(linear or scaled_linear)")
-    text = check_folder(folder)
+    text, encoder = check_folder(folder)
     latent = check_vae(folder / "vae")
     cfg = store.config
     if cfg.channels != 3:
@@ -78,8 +78,7 @@ def check_sd_folder(store: Store, folder: Path) -> dict:
         UNet2DConditionModel.from_pretrained(unet, low_cpu_mem_usage=False)
     except Exception as e:
         raise StoreError(f"{unet} does not load: {e}") from e
-    TextEncoder(folder)  # loads (checked by check_folder too)
-    return dict(text=text, latent=latent, unet_digest=file_digest(unet / WEIGHTS), scheduler=sched)
+    return dict(text=text, encoder=encoder, latent=latent, unet_digest=file_digest(unet / WEIGHTS), scheduler=sched)
 
 
 def import_sd(store: Store, folder: Path, rank: int = 4, alpha: float | None = None,
@@ -90,18 +89,13 @@ def import_sd(store: Store, folder: Path, rank: int = 4, alpha: float | None = N
     with store.writing("import"):
         parts = check_sd_folder(store, folder)
         text, latent, sched = parts["text"], parts["latent"], parts["scheduler"]
-        caps = store.captions()
-        enc = TextEncoder(folder)
-        bad = [f"item {h[:12]}: {enc.too_long(c, n, 'caption')}"
-               for (h, c), n in zip(caps.items(), enc.lengths(list(caps.values()))) if n > enc.max_length]
-        if bad:
-            raise StoreError(f"{len(bad)} caption(s) do not fit the text encoder, nothing changed:\n  "
-                             + "\n  ".join(bad[:20]))
+        parts["encoder"].check_store(store)
         adapters = AdapterConfig(rank, 4.0 * rank if alpha is None else alpha, base_from=parts["unet_digest"],
                                  kind=kind, tokens=tokens)
         recipe = replace(train_config(store), num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
                          beta_schedule=sched.get("beta_schedule", "linear"),
-                         beta_start=float(sched.get("beta_start", 0.0001)), beta_end=float(sched.get("beta_end", 0.02)))
+                         beta_start=float(sched.get("beta_start", TrainConfig.beta_start)),
+                         beta_end=float(sched.get("beta_end", TrainConfig.beta_end)))
         # files first (content-addressed, harmless if left), then the registry in one transaction
         install(folder, store.root / "text", text.digest)
         _copy_dir(folder / "vae", latent_dir(store, latent))

@@ -104,9 +104,10 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def check_folder(folder: Path) -> TextConfig:
-    """Validate an encoder folder (an SD folder, or one holding `text_encoder/` and `tokenizer/`)
-    and describe it; the error names the part that is missing or does not load."""
+def check_folder(folder: Path) -> tuple[TextConfig, "TextEncoder"]:
+    """Validate an encoder folder (an SD folder, or one holding `text_encoder/` and `tokenizer/`);
+    returns its description and the loaded encoder. The error names the part that is missing or
+    does not load."""
     folder = Path(folder)
     if not folder.is_dir():
         raise StoreError(f"text encoder folder {folder} does not exist")
@@ -120,7 +121,7 @@ def check_folder(folder: Path) -> TextConfig:
         raise
     except Exception as e:
         raise StoreError(f"text encoder folder {folder} does not load: {e}") from e
-    return TextConfig(folder_digest(folder), str(folder), enc.max_length, enc.dim)
+    return TextConfig(folder_digest(folder), str(folder), enc.max_length, enc.dim), enc
 
 
 def install(folder: Path, dest_root: Path, digest: str) -> Path:
@@ -173,6 +174,19 @@ class TextEncoder:
         return (f"{what} {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is {tokens} tokens; "
                 f"the text encoder reads at most {self.max_length}")
 
+    def misfits(self, named: list[tuple[str, str]], what: str = "caption") -> list[str]:
+        """'NAME: ...' for each (name, text) longer than the encoder reads."""
+        texts = [t for _, t in named]
+        return [f"{name}: {self.too_long(t, n, what)}" for (name, t), n in zip(named, self.lengths(texts))
+                if n > self.max_length]
+
+    def check_store(self, store) -> None:
+        """Refuse an encoder that some stored caption does not fit (the error names each item)."""
+        bad = self.misfits([(f"item {h[:12]}", c) for h, c in store.captions().items()])
+        if bad:
+            raise StoreError(f"{len(bad)} caption(s) do not fit the text encoder, nothing changed:\n  "
+                             + "\n  ".join(bad[:20]))
+
     def check(self, prompts: list[str], what: str = "prompt") -> None:
         """Refuse a prompt longer than the encoder reads (it would be cut silently)."""
         for p, n in zip(prompts, self.lengths(prompts)):
@@ -201,29 +215,18 @@ class Prompts:
         self._null = encoder.encode([""])
 
     def encode(self, prompts: list[str], device: torch.device | str = "cpu") -> dict:
-        uniq = list(dict.fromkeys(prompts))
-        emb = self.encoder.encode(uniq)
-        index = torch.tensor([uniq.index(p) for p in prompts])
+        row = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        emb = self.encoder.encode(list(row))
+        index = torch.tensor([row[p] for p in prompts])
         return {"text": emb[index].to(device)}
 
     def null(self, rows: int, device: torch.device | str = "cpu") -> dict:
         return {"text": self._null.to(device).expand(rows, -1, -1).contiguous()}
 
 
-_ENCODERS: dict[tuple, TextEncoder] = {}
-_ENCODERS_LOCK = threading.Lock()
-
-
 def load_encoder(folder: Path, digest: str, device: str | torch.device = "cpu") -> TextEncoder:
-    """The encoder in `folder`, checked against `digest` (kept in memory per digest and device)."""
-    key = (str(folder), digest, str(device))
-    with _ENCODERS_LOCK:
-        if key in _ENCODERS:
-            return _ENCODERS[key]
+    """The encoder in `folder`, checked against `digest` (`cdm.loading.load_text` keeps it in memory)."""
     if not folder.is_dir() or folder_digest(folder) != digest:
         raise StoreError(f"text encoder files in {folder} are missing or corrupted (expected digest "
                          f"{digest[:12]}); set the encoder again with `cdm text`")
-    enc = TextEncoder(folder, device)
-    with _ENCODERS_LOCK:
-        _ENCODERS[key] = enc
-    return enc
+    return TextEncoder(folder, device)
