@@ -182,3 +182,33 @@ def test_stable_diffusion_import_killed_is_old_or_new_and_resumes(tmp_path, poin
     assert api.adapter_config(s) == api.adapter_config(ref) and api.text_config(s).digest == api.text_config(ref).digest
     assert api.latent_config(s).digest == api.latent_config(ref).digest and digests(s) == digests(ref)
     assert [p.name for p in (s.root / "models" / "base").iterdir()] == [s.model("base").path.split("/")[-1]]
+
+
+@pytest.mark.parametrize("command,point", [("text", "text:installed"), ("unet", "install:renamed"),
+                                           ("unet", "install:committed")])
+def test_text_and_base_import_killed_is_old_or_new_and_resumes(tmp_path, digits, command, point):
+    """`cdm text` and `cdm adapters --base-from UNET_DIR`: a setting and the files it needs."""
+    from cdm.models import build_unet, unet_config
+
+    unet = tmp_path / "unet"
+    build_unet(unet_config("tiny", 8, 1, 16), 7).save_pretrained(unet)
+    set_up = {"text": (lambda s: api.set_text(s), ["text"]),
+              "unet": (lambda s: api.set_adapters(s, base_from=unet), ["adapters", "--base-from", unet])}
+    apply, args = set_up[command]
+    ref, s = _store(tmp_path / "ref", digits[:20], False), _store(tmp_path / "s", digits[:20], False)
+    apply(ref)
+    s.close()
+    assert run_cdm(args[:1] + [tmp_path / "s"] + args[1:], crashpoint=point) == -signal.SIGKILL
+    s = Store.open(tmp_path / "s")
+    state = (api.text_config(s),) if command == "text" else (api.adapter_config(s), s.model("base"))
+    if point == "install:committed":  # the new setting, whole
+        assert all(x is not None for x in state)
+    else:  # the old store: nothing of the command is live
+        assert all(x is None for x in state)
+    apply(s)  # running it again ends where an uninterrupted run ends
+    assert api.text_config(s) == api.text_config(ref) and api.adapter_config(s) == api.adapter_config(ref)
+    assert digests(s) == digests(ref) and not list(s.root.glob(".tmp-*"))
+    if command == "text":  # one encoder folder, the one the setting names
+        assert [p.name for p in (s.root / "text").iterdir()] == [api.text_config(s).digest]
+    else:
+        assert [p.name for p in (s.root / "models" / "base").iterdir()] == [s.model("base").path.split("/")[-1]]

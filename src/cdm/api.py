@@ -34,7 +34,7 @@ from .recipes import (adapter_config, latent_config, model_seed, model_shape, nu
 from .sd import import_sd, is_sd_folder
 from . import text
 from .routers import DEFAULT_ROUTER
-from .store import BASE, PARAGON, ROUTER, Store, StoreConfig, StoreError, file_digest
+from .store import BASE, PARAGON, ROUTER, Store, StoreConfig, StoreError, crashpoint, file_digest
 from .text import TextConfig, build_default, check_folder
 from .train import WEIGHTS, RouterConfig, TrainConfig, recipe_fields
 
@@ -89,11 +89,15 @@ def set_adapters(store: Store, public: list[str] | None = None, base_from: str |
                 digest = _check_base_folder(store, Path(base_from))
             cfg = AdapterConfig(rank, 4.0 * rank if alpha is None else alpha, public=tuple(sorted(set(public or ()))),
                                 base_from=digest, kind=kind, tokens=tokens)
-        if base_from is not None and cfg is not None:
-            _install_base(store, Path(base_from), cfg.base_from)
-        with store.tx() as db:
+        def settings(db) -> None:
             store.set_meta(db, "adapter", None if cfg is None else asdict(cfg))
             store.log(db, "config", {"adapter": None if cfg is None else asdict(cfg)}, actor)
+
+        if base_from is not None and cfg is not None:  # the base's row and the setting commit together
+            _install_base(store, Path(base_from), cfg.base_from, also=settings)
+        else:
+            with store.tx() as db:
+                settings(db)
         return cfg
 
 
@@ -117,6 +121,7 @@ def set_text(store: Store, encoder: str | Path | None = None, off: bool = False,
                     cfg = replace(cfg, source="default")
                 enc.check_store(store)
                 text.install(Path(encoder), store.root / "text", cfg.digest)
+                crashpoint("text:installed")
             finally:
                 if tmp is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -148,12 +153,12 @@ def _check_base_folder(store: Store, folder: Path) -> str:
     return file_digest(f)
 
 
-def _install_base(store: Store, folder: Path, digest: str) -> None:
+def _install_base(store: Store, folder: Path, digest: str, also) -> None:
     tmp = store.new_model_dir(BASE)
     for name in ("config.json", WEIGHTS):
         shutil.copyfile(folder / name, tmp / name)
     train_config(store).scheduler().save_pretrained(tmp)
-    store.install_model(BASE, "base", f"import:{digest}", tmp, WEIGHTS, dict(imported_from=str(folder)))
+    store.install_model(BASE, "base", f"import:{digest}", tmp, WEIGHTS, dict(imported_from=str(folder)), also=also)
 
 
 def sample(store: Store, n: int, label: str | list[str] | None = None, allow: list[str] | None = None,

@@ -5,9 +5,11 @@ become one grouped convolution).
 With a handful of rows per model, a step of a K-model composition costs K calls, each
 mostly fixed per-call overhead; one grouped call pays that overhead once. The arithmetic
 is the same but the kernels differ, so results differ from separate calls in the last bits
-(about 1e-6). Used for dense steps only (sparse steps keep separate calls), and only as an
-option (`CDMPipeline.from_store(grouped=True)`, `cdm sample --grouped`). Its speed:
-bench/interactive.py; its FID change: bench/sampling.py --sparse grouped=1 --fid N.
+(about 1e-6). Dense steps run every model on every row; sparse steps (`commit`, `subset`,
+`prune`) run just the models some row keeps, each on as many rows as the busiest one (rows
+repeated as padding), while that is at most `max_rows`; beyond it, separate calls. An option
+only (`CDMPipeline.from_store(grouped=True)`, `cdm sample --grouped`). Speed:
+bench/interactive.py; FID change: bench/sampling.py --sparse grouped=1 --fid N.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from torch.func import functional_call, vmap
 
-from .denoisers import Cond
+from .denoisers import Cond, cond_rows
 from .mixture import separate
 
 
@@ -60,25 +62,54 @@ class Group:
         self._each = vmap(one)
         self._shared = vmap(one, in_dims=(0, 0, None, None, None))
         self.k = len(unets)
+        self._subset: tuple = (None, None)  # (model indices, their stacked weights): the last subset asked for
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self._each(self.params, self.buffers, x, t, cond)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, models: list[int] | None = None) -> torch.Tensor:
+        """x (G, R, ...): R rows for each of the G models `models` (default: all, in order)."""
+        params, buffers = (self.params, self.buffers) if models is None else self._weights(tuple(models))
+        return self._each(params, buffers, x, t, cond)
 
     def shared(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self._shared(self.params, self.buffers, x, t, cond)
 
+    def _weights(self, models: tuple) -> tuple[dict, dict]:
+        """The stacked weights of some models, kept while the same subset is asked for (a
+        committed sample keeps its model for every remaining step)."""
+        if self._subset[0] != models:
+            idx = torch.tensor(models, device=next(iter(self.params.values())).device)
+            self._subset = (models, ({n: p.index_select(0, idx) for n, p in self.params.items()},
+                                     {n: b.index_select(0, idx) for n, b in self.buffers.items()}))
+        return self._subset[1]
 
-def grouped_joint(group: Group, denoisers: list):
-    """A mixture's `joint` (cdm.mixture.Joint): the dense mixture (every model on every row)
-    in one grouped call. Sparse steps keep the per-model calls on just the kept rows: there a
-    grouped call would run every model on as many rows as the busiest one, which measured
-    slower (bench/interactive.py)."""
+
+def grouped_joint(group: Group, denoisers: list, max_rows: int = 32):
+    """A mixture's `joint` (cdm.mixture.Joint) in one grouped call per step: the dense
+    mixture runs every model on every row; a sparse step runs just the models some row
+    keeps, each on its kept rows padded to the busiest model's count (the padding repeats a
+    kept row and is thrown away). A sparse step that keeps one model, or whose busiest model
+    has more than `max_rows` rows, makes separate calls: there the calls are large and the
+    padding would cost more than the overhead it saves."""
 
     each = separate(denoisers)
 
     def run(x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
         if keep is None:
             return group.shared(x, t, cond).transpose(0, 1)  # (B, K, C, H, W)
-        return each(x, t, cond, keep)
+        counts = keep.sum(0)
+        models = counts.nonzero().flatten().tolist()
+        r = int(counts.max())
+        if r > max_rows or len(models) < 2:  # one model: a plain call has no vmap overhead
+            return each(x, t, cond, keep)
+        rows = torch.stack([_padded(keep[:, k].nonzero().flatten(), r) for k in models])  # (G, R)
+        out = group(x[rows], t[rows], cond_rows(cond, rows), models)  # (G, R, C, H, W)
+        eps = x.new_zeros((x.shape[0], len(denoisers), *x.shape[1:]))
+        for g, k in enumerate(models):
+            n = int(counts[k])
+            eps[rows[g, :n], k] = out[g, :n]
+        return eps
 
     return run
+
+
+def _padded(rows: torch.Tensor, r: int) -> torch.Tensor:
+    return torch.cat([rows, rows[:1].expand(r - len(rows))])

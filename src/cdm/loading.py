@@ -41,12 +41,13 @@ def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
     channels-last (the same weights, rounding may differ): 5-14% faster sampling on CPU."""
     row, folder = _checked(store, name)
     adapter = row.info.get("adapter")
-    if adapter and is_full(adapter) and store.model(BASE).digest != adapter["base"]:
+    base_row = store.model(BASE) if adapter else None
+    if adapter and is_full(adapter) and (base_row is None or base_row.digest != adapter["base"]):
         raise StoreError(f"compartment {name!r} is a fine-tune of another base model; retrain with `cdm train`")
     if adapter and not is_full(adapter):
-        base = load_unet(store, BASE, device)
-        if store.model(BASE).digest != adapter["base"]:
+        if base_row is None or base_row.digest != adapter["base"]:
             raise StoreError(f"compartment {name!r} is an adapter on another base model; retrain with `cdm train`")
+        base = load_unet(store, BASE, device)
         key = (str(folder.resolve()), row.digest, str(device), adapter["base"])
         if is_prompt(adapter):  # shares the base: one copy in memory for every prompt compartment
             return _cached(key, lambda: PromptModel(base, _adapter_weights(folder)["prompt"].to(device))

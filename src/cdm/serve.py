@@ -332,13 +332,14 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
             raise HTTPException(401, "missing or unknown API key", headers={"WWW-Authenticate": KEY_HEADER})
         return Caller(user, hash_key(key))
 
-    def view(user: str, router: str | None = None, want: list[str] | None = None) -> tuple[list[str], list[str]]:
-        """(the compartments a request composes, or all the user's without a router; labels in those)."""
+    def view(user: str, router: str | None = None, want: list[str] | None = None) -> tuple[list[str], list[str], bool]:
+        """(the compartments a request composes, or all the user's without a router; labels in
+        those; whether the store is text-conditioned)."""
         with Store.open(store_path) as s:
             names = policy.allowed(s, user) if router is None else policy.resolve(s, user, router, want, reveal=False)
-            hist, label_names = s.label_counts(), s.label_names()
+            hist, label_names, text = s.label_counts(), s.label_names(), text_config(s) is not None
         return names, sorted({label_names[lid] for c in names for lid, k in hist.get(c, {}).items()
-                              if k and lid is not None})
+                              if k and lid is not None}), text
 
     @app.get("/health")
     def health() -> dict:
@@ -346,9 +347,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
 
     @app.get("/v1/compartments", response_model=CompartmentsOut)
     def compartments(who: Caller = Depends(caller)) -> CompartmentsOut:
-        mine, labels = view(who.user)
-        with Store.open(store_path) as s:
-            text = text_config(s) is not None
+        mine, labels, text = view(who.user)
         return CompartmentsOut(user=who.user, compartments=mine, labels=[] if text else labels, text=text)
 
     @app.post("/v1/generate", response_model=GenerateOut, responses={
@@ -362,7 +361,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
         cancel = threading.Event()
         watcher = asyncio.create_task(_watch(request, cancel))
         try:
-            want, labels = await run_in_threadpool(view, who.user, req.router, req.compartments)  # 403 if not theirs
+            want, labels, _ = await run_in_threadpool(view, who.user, req.router, req.compartments)  # 403 if not theirs
             if req.label is not None and req.label not in labels:  # the same whether it exists elsewhere or not
                 return JSONResponse({"detail": [{"loc": ["body", "label"], "type": "value_error", "msg":
                                                  "no compartment composed for this request holds that label"}]}, 422)

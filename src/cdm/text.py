@@ -168,6 +168,8 @@ class TextEncoder:
 
     def lengths(self, prompts: list[str]) -> list[int]:
         """Tokens of each prompt, start and end included."""
+        if not prompts:  # the fast tokenizer fails on an empty batch
+            return []
         return [len(i) for i in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
 
     def too_long(self, prompt: str, tokens: int, what: str = "prompt") -> str:
