@@ -75,11 +75,13 @@ class Group:
     def _weights(self, models: tuple) -> tuple[dict, dict]:
         """The stacked weights of some models, kept while the same subset is asked for (a
         committed sample keeps its model for every remaining step)."""
-        if self._subset[0] != models:
+        kept, weights = self._subset  # one read: another thread may replace it meanwhile
+        if kept != models:
             idx = torch.tensor(models, device=next(iter(self.params.values())).device)
-            self._subset = (models, ({n: p.index_select(0, idx) for n, p in self.params.items()},
-                                     {n: b.index_select(0, idx) for n, b in self.buffers.items()}))
-        return self._subset[1]
+            weights = ({n: p.index_select(0, idx) for n, p in self.params.items()},
+                       {n: b.index_select(0, idx) for n, b in self.buffers.items()})
+            self._subset = (models, weights)
+        return weights
 
 
 def grouped_joint(group: Group, denoisers: list, max_rows: int = 32):
