@@ -157,58 +157,49 @@ def test_second_writer_is_refused_with_the_holder_named(tmp_path, digits):
         pass
 
 
-@pytest.mark.parametrize("point", ["install:renamed", "install:committed"])
-def test_stable_diffusion_import_killed_is_old_or_new_and_resumes(tmp_path, point):
+@pytest.mark.parametrize("command,point", [("text", "text:installed"), ("unet", "install:renamed"),
+                                           ("unet", "install:committed"), ("sd", "install:renamed"),
+                                           ("sd", "install:committed")])
+def test_text_and_base_imports_killed_are_old_or_new_and_resume(tmp_path, digits, command, point):
+    """`cdm text`, `cdm adapters --base-from UNET_DIR` and `--base-from SD_DIR` (cdm.sd): the
+    settings and the files they need are all live or none is."""
+    from cdm.models import build_unet, unet_config
+
     from .test_sd import SD_TRAIN, squares, tiny_sd_folder
 
-    sd = tiny_sd_folder(tmp_path / "sd")
-
-    def fresh(path):
+    def store(path):
+        if command != "sd":
+            return _store(path, digits[:20], False)
         s = api.init_store(path, 16, 3, 0, 2, 16, SD_TRAIN)
         api.ingest(s, "ann", squares(0, 6), "one")
         return s
 
-    ref = fresh(tmp_path / "ref")
-    api.set_adapters(ref, base_from=sd)
-    fresh(tmp_path / "s").close()
-    assert run_cdm(["adapters", tmp_path / "s", "--base-from", sd], crashpoint=point) == -signal.SIGKILL
-    s = Store.open(tmp_path / "s")
-    state = (api.adapter_config(s), api.text_config(s), api.latent_config(s), s.model("base"))
-    if point == "install:renamed":  # the old store: nothing of the import is live
-        assert state == (None, None, None, None)
-    else:  # the imported one, whole
-        assert all(x is not None for x in state)
-    api.set_adapters(s, base_from=sd)  # importing again (or not at all) ends where an uninterrupted run ends
-    assert api.adapter_config(s) == api.adapter_config(ref) and api.text_config(s).digest == api.text_config(ref).digest
-    assert api.latent_config(s).digest == api.latent_config(ref).digest and digests(s) == digests(ref)
-    assert [p.name for p in (s.root / "models" / "base").iterdir()] == [s.model("base").path.split("/")[-1]]
+    if command == "text":
+        apply, args = api.set_text, ["text"]
+    else:
+        folder = tiny_sd_folder(tmp_path / "sd") if command == "sd" else tmp_path / "unet"
+        if command == "unet":
+            build_unet(unet_config("tiny", 8, 1, 16), 7).save_pretrained(folder)
+        apply, args = (lambda s: api.set_adapters(s, base_from=folder)), ["adapters", "--base-from", folder]
 
+    def state(s):
+        return (api.adapter_config(s), api.text_config(s), api.latent_config(s), s.model("base"))
 
-@pytest.mark.parametrize("command,point", [("text", "text:installed"), ("unet", "install:renamed"),
-                                           ("unet", "install:committed")])
-def test_text_and_base_import_killed_is_old_or_new_and_resumes(tmp_path, digits, command, point):
-    """`cdm text` and `cdm adapters --base-from UNET_DIR`: a setting and the files it needs."""
-    from cdm.models import build_unet, unet_config
-
-    unet = tmp_path / "unet"
-    build_unet(unet_config("tiny", 8, 1, 16), 7).save_pretrained(unet)
-    set_up = {"text": (lambda s: api.set_text(s), ["text"]),
-              "unet": (lambda s: api.set_adapters(s, base_from=unet), ["adapters", "--base-from", unet])}
-    apply, args = set_up[command]
-    ref, s = _store(tmp_path / "ref", digits[:20], False), _store(tmp_path / "s", digits[:20], False)
+    ref, s = store(tmp_path / "ref"), store(tmp_path / "s")
     apply(ref)
     s.close()
     assert run_cdm(args[:1] + [tmp_path / "s"] + args[1:], crashpoint=point) == -signal.SIGKILL
     s = Store.open(tmp_path / "s")
-    state = (api.text_config(s),) if command == "text" else (api.adapter_config(s), s.model("base"))
-    if point == "install:committed":  # the new setting, whole
-        assert all(x is not None for x in state)
+    live = [x is not None for x in state(ref)]  # what the command sets
+    if point == "install:committed":  # the new settings, whole
+        assert [x is not None for x in state(s)] == live
     else:  # the old store: nothing of the command is live
-        assert all(x is None for x in state)
+        assert state(s) == (None, None, None, None)
     apply(s)  # running it again ends where an uninterrupted run ends
-    assert api.text_config(s) == api.text_config(ref) and api.adapter_config(s) == api.adapter_config(ref)
-    assert digests(s) == digests(ref) and not list(s.root.glob(".tmp-*"))
-    if command == "text":  # one encoder folder, the one the setting names
+    assert api.adapter_config(s) == api.adapter_config(ref) and api.text_config(s) == api.text_config(ref)
+    assert api.latent_config(s) == api.latent_config(ref) and digests(s) == digests(ref)
+    assert not list(s.root.glob(".tmp-*"))
+    if api.text_config(s) is not None:  # one encoder folder, the one the setting names
         assert [p.name for p in (s.root / "text").iterdir()] == [api.text_config(s).digest]
-    else:
+    if s.model("base") is not None:  # one base folder, the live one
         assert [p.name for p in (s.root / "models" / "base").iterdir()] == [s.model("base").path.split("/")[-1]]

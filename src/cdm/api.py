@@ -31,7 +31,7 @@ from .plan import build_job, model_state, train_plan  # noqa: F401 (re-exported)
 from .policy import Policy, store_policy
 from .recipes import (adapter_config, latent_config, model_seed, model_shape, null_label, router_config,  # noqa: F401
                       text_config, train_config)
-from .sd import import_sd, is_sd_folder
+from .sd import import_sd, install_base, is_sd_folder
 from . import text
 from .routers import DEFAULT_ROUTER
 from .store import BASE, PARAGON, ROUTER, Store, StoreConfig, StoreError, crashpoint, file_digest
@@ -94,7 +94,7 @@ def set_adapters(store: Store, public: list[str] | None = None, base_from: str |
             store.log(db, "config", {"adapter": None if cfg is None else asdict(cfg)}, actor)
 
         if base_from is not None and cfg is not None:  # the base's row and the setting commit together
-            _install_base(store, Path(base_from), cfg.base_from, also=settings)
+            install_base(store, Path(base_from), cfg.base_from, train_config(store), also=settings)
         else:
             with store.tx() as db:
                 settings(db)
@@ -151,14 +151,6 @@ def _check_base_folder(store: Store, folder: Path) -> str:
     except Exception as e:  # corrupted weights
         raise StoreError(f"base model {folder} does not load: {e}") from e
     return file_digest(f)
-
-
-def _install_base(store: Store, folder: Path, digest: str, also) -> None:
-    tmp = store.new_model_dir(BASE)
-    for name in ("config.json", WEIGHTS):
-        shutil.copyfile(folder / name, tmp / name)
-    train_config(store).scheduler().save_pretrained(tmp)
-    store.install_model(BASE, "base", f"import:{digest}", tmp, WEIGHTS, dict(imported_from=str(folder)), also=also)
 
 
 def sample(store: Store, n: int, label: str | list[str] | None = None, allow: list[str] | None = None,

@@ -99,10 +99,6 @@ def import_sd(store: Store, folder: Path, rank: int = 4, alpha: float | None = N
         # files first (content-addressed, harmless if left), then the registry in one transaction
         install(folder, store.root / "text", text.digest)
         _copy_dir(folder / "vae", latent_dir(store, latent))
-        tmp = store.new_model_dir(BASE)
-        for name in ("config.json", WEIGHTS):
-            shutil.copyfile(folder / "unet" / name, tmp / name)
-        recipe.scheduler().save_pretrained(tmp)
         def settings(db) -> None:  # committed with the base's row: the old store or the imported one
             store.set_meta(db, "text", asdict(text))
             store.set_meta(db, "latent", asdict(latent))
@@ -111,9 +107,18 @@ def import_sd(store: Store, folder: Path, rank: int = 4, alpha: float | None = N
             store.log(db, "import", {"stable_diffusion": str(folder), "unet": parts["unet_digest"],
                                      "text_encoder": text.digest, "vae": latent.digest}, actor)
 
-        store.install_model(BASE, "base", f"import:{parts['unet_digest']}", tmp, WEIGHTS,
-                            dict(imported_from=str(folder / "unet")), also=settings)
+        install_base(store, folder / "unet", parts["unet_digest"], recipe, also=settings)
         return adapters
+
+
+def install_base(store: Store, unet: Path, digest: str, recipe: TrainConfig, also) -> None:
+    """Copy a diffusers UNet folder in as the store's base, with `recipe`'s noise schedule;
+    its registry row commits with `also(db)` (the settings that go with it)."""
+    tmp = store.new_model_dir(BASE)
+    for name in ("config.json", WEIGHTS):
+        shutil.copyfile(unet / name, tmp / name)
+    recipe.scheduler().save_pretrained(tmp)
+    store.install_model(BASE, "base", f"import:{digest}", tmp, WEIGHTS, dict(imported_from=str(unet)), also=also)
 
 
 def _copy_dir(src: Path, dest: Path) -> None:
