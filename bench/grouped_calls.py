@@ -55,7 +55,7 @@ def main() -> None:
     with torch.inference_mode():
         for g in groups:
             group = Group(unets[:g])
-            each = torch.compile(group._each, dynamic=False) if args.compile else None
+            each = torch.compile(lambda x, t, c: group(x, t, c), dynamic=False) if args.compile else None
             for r in row_counts:
                 gen = torch.Generator().manual_seed(r)
                 x = torch.randn(g, r, 1, args.size, args.size, generator=gen)
@@ -69,12 +69,12 @@ def main() -> None:
                 if args.compile:
                     t0 = time.perf_counter()
                     compiled(unets[0], xp, tp, cp)
-                    each(group.params, group.buffers, x, t, c)
+                    each(x, t, c)
                     o["compile_s"] = time.perf_counter() - t0
                     o["paragon_compiled_ms"] = median_ms(lambda: compiled(unets[0], xp, tp, cp), args.repeats)
-                    o["grouped_compiled_ms"] = median_ms(lambda: each(group.params, group.buffers, x, t, c),
+                    o["grouped_compiled_ms"] = median_ms(lambda: each(x, t, c),
                                                          args.repeats)
-                    o["grouped_compiled_max_diff"] = float((each(group.params, group.buffers, x, t, c)
+                    o["grouped_compiled_max_diff"] = float((each(x, t, c)
                                                             - group(x, t, c)).abs().max())
                 results.append(o)
                 rows.append([g, r, g * r] + [f"{o[k]:.1f}" if k in o else "" for k in (

@@ -8,7 +8,9 @@ models are trained one step. Prints JSON, then tables.
     python bench/interactive.py --device cuda   # the same on a GPU
 
 Latency: one request of n images, alone, on the plain path (`cdm sample`) and on the
-served path (`cdm serve`: model calls through a batcher in fixed chunks). Throughput: C
+served path (`cdm serve`: model calls through a batcher in fixed chunks; the grouped
+configurations in fixed wide calls, `cdm serve --grouped`), each request on a sampler thread
+as in `cdm serve` (one core of its own; model calls on the batcher's thread). Throughput: C
 client threads each sending requests of n images for S seconds through the served path
 (the server's sampling engine without HTTP, which costs the same for every configuration),
 and the same clients served one request at a time without batching (the server before
@@ -22,18 +24,19 @@ import random
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import console, digits_store, emit, median_time, run_clients, train
 
-from cdm.batching import Batcher
+from cdm.batching import Batcher, sampler_thread
 from cdm.pipeline import CDMPipeline, SamplingSettings
 from cdm.train import RouterConfig, TrainConfig
 
-# name: (sparse settings, None for the paragon; grouped calls, cdm.grouped: plain path only)
+# name: (sparse settings, None for the paragon; grouped calls, cdm.grouped)
 CONFIGS = {"paragon": (None, False), "dense": ({}, False), "commit0": ({"commit": 0.0}, False),
            "dense grouped": ({}, True), "commit0 grouped": ({"commit": 0.0}, True)}
-SERVED = [name for name, (_, grouped) in CONFIGS.items() if not grouped]
+SERVED = list(CONFIGS)
 
 
 def main() -> None:
@@ -49,6 +52,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=None, help="per throughput configuration; default 20, quick 4")
     ap.add_argument("--chunk", type=int, default=16, help="rows of every batched model call (cdm serve --chunk)")
+    ap.add_argument("--group-chunk", type=int, default=8, help="rows per model of a grouped call (cdm serve "
+                                                                "--group-chunk)")
     ap.add_argument("--big", type=int, default=250, help="images of the large-batch check (0: skip)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -60,27 +65,33 @@ def main() -> None:
              CDMPipeline.from_store(s, router="ito", grouped=grouped, device=args.device)
              for name, (sparse, grouped) in CONFIGS.items()}
     labels = list(s.labels())
-    batcher = Batcher(args.chunk)
+    batcher = Batcher(args.chunk, args.group_chunk)
 
-    def request(name: str, n: int, seed: int, served: bool, label: str = "3"):
+    worker = ThreadPoolExecutor(1, initializer=sampler_thread)  # served requests run as on cdm serve's workers
+
+    def request(name: str, n: int, seed: int, served: bool, label: str = "3", here: bool = False):
         settings = SamplingSettings(steps=args.steps, guidance=args.guidance, seed=seed, **(CONFIGS[name][0] or {}))
         if not served:
             return pipes[name](n, label, settings)
+        if not here:
+            return worker.submit(request, name, n, seed, served, label, True).result()
         with batcher.session():
             return pipes[name](n, label, settings, batcher=batcher)
 
-    paths = [(name, served) for name in CONFIGS for served in (False, True) if not served or name in SERVED]
-    for name, served in paths:  # warm up every shape once
-        for n in map(int, args.ns.split(",")):
-            request(name, n, 0, served)
-
     lat: dict[tuple, list[float]] = {}
-    for r in range(repeats):
-        for n in map(int, args.ns.split(",")):
-            for name, served in paths:
-                t = time.perf_counter()
-                request(name, n, r, served)
-                lat.setdefault((n, name, served), []).append(time.perf_counter() - t)
+    # the plain path first, before the batcher's thread ever computes: afterwards its idle
+    # compute threads spin for a while after each round and slow whatever runs next
+    for served in (False, True):
+        paths = [name for name in CONFIGS if not served or name in SERVED]
+        for name in paths:  # warm up every shape once
+            for n in map(int, args.ns.split(",")):
+                request(name, n, 0, served)
+        for r in range(repeats):
+            for n in map(int, args.ns.split(",")):
+                for name in paths:
+                    t = time.perf_counter()
+                    request(name, n, r, served)
+                    lat.setdefault((n, name, served), []).append(time.perf_counter() - t)
     rows, out_lat = [], []
     for (n, name, served), ts in lat.items():
         med = statistics.median(ts)
@@ -98,11 +109,13 @@ def main() -> None:
         serial = threading.Lock()  # without batching the server sampled one request at a time
 
         def client(i: int) -> None:
+            if batched:
+                sampler_thread()
             rng = random.Random(i)
             while time.monotonic() < stop_at:
                 t = time.perf_counter()
                 if batched:
-                    request(name, n, rng.randrange(1 << 30), True, rng.choice(labels))
+                    request(name, n, rng.randrange(1 << 30), True, rng.choice(labels), here=True)
                 else:
                     with serial:
                         request(name, n, rng.randrange(1 << 30), False, rng.choice(labels))
@@ -120,12 +133,13 @@ def main() -> None:
                                                         if p["config"] == "paragon" and p["batched"] == o["batched"])
     big = []
     if args.big:
-        for name in ("paragon", "dense", "commit0"):
+        for name in ("paragon", "dense", "commit0", "dense grouped", "commit0 grouped"):
             t, _ = median_time(lambda name=name: request(name, args.big, 0, False), max(1, repeats // 3))
             big.append(dict(config=name, n=args.big, seconds=t))
         for o in big:
             o["vs_paragon"] = o["seconds"] / big[0]["seconds"]
     out = dict(k=args.k, preset=args.preset, steps=args.steps, guidance=args.guidance, chunk=args.chunk,
+               group_chunk=args.group_chunk,
                repeats=repeats, device=args.device, latency=out_lat, throughput=thr, shared_rounds=batcher.shared - shared0,
                large_batch=big)
     emit(out, f"latency (ms, median of {repeats}), CDM-{args.k} vs paragon, {args.steps} steps, guidance {args.guidance}",
@@ -141,6 +155,7 @@ def main() -> None:
         for o in big:
             print(f"| {o['config']} | {o['seconds']:.2f} | {o['vs_paragon']:.2f}x |")
     batcher.close()
+    worker.shutdown()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ the stores are trained for one step only. With --sparse, CDM-K is also timed wit
 composition at each setting (`+` joins settings: subset=2+commit=0.5), and with --fid N each
 configuration's FID (N samples) is measured so the speed/quality curve comes from one run. Every
 configuration draws the same noise and labels, so each sparse FID is compared with its dense
-one on paired samples: the table gives the change and its 90% bootstrap interval (samples
-resampled jointly across configurations, held-out images too). Prints JSON, then a table.
+one on paired samples (a grouped setting with the same setting's separate calls, when it is
+measured too): the table gives the change and its 90% bootstrap interval (samples resampled
+jointly across configurations, held-out images too). Prints JSON, then a table.
 
     python bench/sampling.py --work bench-work/quality/full   # the quality bench's stores
     python bench/sampling.py --work bench-work/quality/full --ks 8 --routers ito \\
@@ -47,6 +48,8 @@ def main() -> None:
                                                  "e.g. prune=5,commit=0.5 (see cdm.mixture.Mixture); "
                                                  "grouped=1: one grouped model call per step (cdm.grouped)")
     ap.add_argument("--fid", type=int, default=0, help="also measure FID with this many samples per configuration")
+    ap.add_argument("--fid-batch", type=int, default=500, help="images per call when sampling for FID (grouped "
+                                                                "sparse steps group up to 32 rows per model)")
     ap.add_argument("--real", default="digits", help="held-out images for FID: a builtin (digits, fashion-mnist) "
                                                      "or a folder")
     ap.add_argument("--boot", type=int, default=200, help="bootstrap resamples for the FID change")
@@ -93,17 +96,19 @@ def main() -> None:
             console.print(f"FID of {name}")
             pipe = CDMPipeline.from_store(stores[k], router=router or "ito", paragon=router is None,
                                           grouped=bool(m.get("grouped")), device=args.device)
-            g = pipe(args.fid, fid_labels, SamplingSettings(steps, args.guidance, seed=1, batch_size=500, **sparse(m)))
+            g = pipe(args.fid, fid_labels, SamplingSettings(steps, args.guidance, seed=1, batch_size=args.fid_batch,
+                                                            **sparse(m)))
             gen_feats[name] = feats(g.images)[0]
             fid[name] = frechet_distance(gen_feats[name], real)
         rng = np.random.default_rng(0)  # resample the samples (paired) and the held-out images
         boot = [(rng.integers(0, args.fid, args.fid), rng.integers(0, len(real), len(real))) for _ in range(args.boot)]
         for name, k, router, m in configs:
-            if router and m:
-                dense = gen_feats[f"cdm-{k} {router}"]
-                rel = [frechet_distance(gen_feats[name][i], real[j]) / frechet_distance(dense[i], real[j]) - 1
+            if router and m:  # against dense; a grouped setting against the same setting with separate calls
+                ref = " ".join([f"cdm-{k} {router}", *(f"{a} {v:g}" for a, v in m.items() if a != "grouped")])
+                ref = ref if ref in fid and ref != name else f"cdm-{k} {router}"
+                rel = [frechet_distance(gen_feats[name][i], real[j]) / frechet_distance(gen_feats[ref][i], real[j]) - 1
                        for i, j in boot]
-                delta[name] = dict(change=fid[name] / fid[f"cdm-{k} {router}"] - 1,
+                delta[name] = dict(against=ref, change=fid[name] / fid[ref] - 1,
                                    low=float(np.quantile(rel, 0.05)), high=float(np.quantile(rel, 0.95)))
     out = dict(n=n, steps=steps, guidance=args.guidance, repeats=repeats, device=args.device,
                seconds=times, images_per_second={k: round(n / v, 2) for k, v in med.items()},
@@ -113,7 +118,7 @@ def main() -> None:
     print(json.dumps(out, indent=2))
     print(f"\n{n} images, {steps} steps, guidance {args.guidance}, median of {repeats}"
           + (f"; FID from {args.fid} samples" if fid else "") + "\n")
-    print("| model | images/s | time / paragon | model evals per sample-step | FID | FID vs dense [90% interval] |\n"
+    print("| model | images/s | time / paragon | model evals per sample-step | FID | FID change [90% interval] |\n"
           "|---|---|---|---|---|---|")
     for name, k, router, m in configs:
         v = med[name]

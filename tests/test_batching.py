@@ -21,13 +21,21 @@ from .conftest import make_store
 class Recording(Batcher):
     """A batcher that notes which models each thread's calls went to."""
 
-    def __init__(self, chunk: int):
-        super().__init__(chunk)
+    def __init__(self, chunk: int, group_chunk: int = 8):
+        super().__init__(chunk, group_chunk)
         self.seen: dict[str, set[int]] = {}
+
+        self.groups: dict[str, set[int]] = {}  # the groups each thread's grouped calls went to
+        self.wide = 0  # grouped calls made
 
     def run(self, calls):
         self.seen.setdefault(threading.current_thread().name, set()).update(id(model_key(d)) for d, *_ in calls)
+        self.groups.setdefault(threading.current_thread().name, set()).update(id(c[4][0]) for c in calls if len(c) > 4)
         return super().run(calls)
+
+    def _grouped(self, group, calls):
+        self.wide += 1
+        return super()._grouped(group, calls)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +99,46 @@ def test_requests_give_the_same_bytes_alone_and_batched(store):
     b.close()
 
 
+def test_grouped_requests_give_the_same_bytes_alone_and_batched(store):
+    """Wide calls of a fixed shape (cdm serve --grouped): a request's bytes do not depend on
+    its company, and its rows only ever go to its own composition's group."""
+    full = CDMPipeline.from_store(store, router="ito", grouped=True)
+    left = CDMPipeline.from_store(store, ["digits-0", "digits-1"], router="ito", grouped=True)
+    plain = CDMPipeline.from_store(store, ["digits-2", "digits-3"], router="ito")  # separate calls beside them
+    assert full.group is CDMPipeline.from_store(store, router="uniform", grouped=True).group  # shared, not rebuilt
+    jobs = [(full, 4, "3", SamplingSettings(steps=8, seed=1, commit=0.0)),
+            (full, 3, None, SamplingSettings(steps=6, seed=2)),
+            (left, 5, "5", SamplingSettings(steps=8, seed=3, subset=1)),
+            (plain, 2, "1", SamplingSettings(steps=8, seed=4)),
+            (full, 2, "7", SamplingSettings(steps=5, seed=5, prune=2.0))]
+    b = Recording(chunk=8, group_chunk=3)
+
+    def one(job):
+        pipe, n, label, settings = job
+        with b.session():
+            return pipe(n, label, settings, batcher=b)
+
+    alone = [one(job) for job in jobs]
+    assert b.shared == 0 and b.wide > 0
+    got: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda i=i: got.update({i: one(jobs[i])}), name=f"req-{i}")
+               for i in range(len(jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert b.shared > 0
+    for i, (a, g) in enumerate(zip(alone, (got[i] for i in range(len(jobs))))):
+        assert np.array_equal(a.images, g.images), i
+        assert np.array_equal(a.attribution, g.attribution) and np.array_equal(a.final, g.final)
+        assert b.seen[f"req-{i}"] <= {id(model_key(d)) for d in jobs[i][0].denoisers}
+        assert b.groups[f"req-{i}"] == (set() if jobs[i][0].group is None else {id(jobs[i][0].group)})
+    # within float rounding of the plain grouped path (a different shape of call)
+    diff = np.abs(jobs[0][0](*jobs[0][1:]).images.astype(int) - alone[0].images.astype(int))
+    assert diff.max() <= 2 and (diff == 0).mean() > 0.99
+    b.close()
+
+
 def test_a_request_that_stops_does_not_stall_or_change_the_others(store):
     pipe = CDMPipeline.from_store(store, router="ito")
     b = Batcher(chunk=8)
@@ -124,6 +172,8 @@ def test_a_request_that_stops_does_not_stall_or_change_the_others(store):
 def test_batcher_refuses_calls_outside_a_session_and_bad_chunks(store):
     with pytest.raises(ValueError, match="chunk"):
         Batcher(chunk=0)
+    with pytest.raises(ValueError, match="group_chunk"):
+        Batcher(group_chunk=0)
     b = Batcher(chunk=4)
     with pytest.raises(RuntimeError, match="session"):
         CDMPipeline.from_store(store, paragon=True)(1, "1", SamplingSettings(steps=2), batcher=b)

@@ -7,35 +7,81 @@ import pytest
 import torch
 
 from cdm import api
-from cdm.grouped import Group, grouped_joint
-from cdm.models import build_unet, unet_config
+from cdm.grouped import Group, grouped_joint, slot_rows
+from cdm.models import build_unet, text_unet_config, unet_config
 from cdm.pipeline import CDMPipeline, SamplingSettings
 from cdm.store import StoreError
 
 from .conftest import make_store
 
 
-def test_a_group_computes_what_each_model_computes():
-    unets = [build_unet(unet_config("tiny", 8, 1, 10), seed).eval() for seed in range(3)]
+@pytest.mark.parametrize("preset", ["tiny", "small"])  # small: attention, up- and downsamplers
+def test_a_group_computes_what_each_model_computes(preset):
+    unets = [build_unet(unet_config(preset, 8, 1, 10), seed).eval() for seed in range(3)]
     gen = torch.Generator().manual_seed(0)
     x, t, c = torch.randn(5, 1, 8, 8, generator=gen), torch.randint(0, 1000, (5,), generator=gen), torch.arange(5)
     with torch.inference_mode():
         each = torch.stack([u(x, t, class_labels=c).sample for u in unets], dim=1)
         separate = []  # models called one by one
         dens = [lambda x, t, c, u=u: separate.append(u) or u(x, t, class_labels=c).sample for u in unets]
-        joint = grouped_joint(Group(unets), dens)
+        group = Group(unets)
+        joint = grouped_joint(group, dens)
         torch.testing.assert_close(joint(x, t, c, None), each, rtol=1e-4, atol=1e-5)
         keep = torch.tensor([[1, 0, 0], [0, 0, 1], [1, 1, 0], [0, 0, 0], [0, 1, 1]], dtype=torch.bool)
         unused = keep & torch.tensor([True, False, True])  # a sparse step that runs two of the three models
-        for k in (keep, unused):  # just the kept rows, in one padded call; zero elsewhere
+        busy = torch.tensor([[1, 0, 0]] * 4 + [[0, 1, 0]], dtype=torch.bool)  # model 0 in two slots of 2 rows
+        assert slot_rows([4, 1], 32) == 2
+        for k in (keep, unused, busy):  # just the kept rows, in one call of padded slots; zero elsewhere
             torch.testing.assert_close(joint(x, t, c, k), torch.where(k[..., None, None, None], each, 0.0),
                                        rtol=1e-4, atol=1e-5)
         assert separate == []
-        few = grouped_joint(Group(unets), dens, max_rows=1)  # busier than max_rows: separate calls, bit for bit
+        # a slot list with a model twice and another left out: slot g runs model models[g]
+        out = group(torch.stack([x[:2], x[2:4], x[3:5]]), torch.stack([t[:2], t[2:4], t[3:5]]),
+                    torch.stack([c[:2], c[2:4], c[3:5]]), [2, 0, 2])
+        torch.testing.assert_close(out, torch.stack([each[:2, 2], each[2:4, 0], each[3:5, 2]]), rtol=1e-4, atol=1e-5)
+        few = grouped_joint(group, dens, max_rows=1)  # busier than max_rows: separate calls, bit for bit
         assert torch.equal(few(x, t, c, keep), torch.where(keep[..., None, None, None], each, 0.0))
         assert separate == unets
+        assert torch.equal(few(x, t, c, None), each) and separate == unets * 2  # dense too
+
+
+def test_slots_trade_padding_against_their_number():
+    assert slot_rows([2, 2, 2, 2], 32) == 2  # commit at n = 4 under guidance: a slot per image
+    assert slot_rows([8, 2], 32) == 4  # 3 slots of 4 (12 rows) beat 5 of 2 and 2 of 8
+    assert slot_rows([30, 30], 32) == 30 and slot_rows([16, 16], 8) == 8  # never more than max_rows
+    assert slot_rows([1], 32) == 1
+
+
+def test_a_rows_result_does_not_depend_on_its_slot_or_company():
+    """At a fixed (slots, rows) shape a row's bytes depend only on its model and itself:
+    what the batcher's fixed-shape wide calls rely on (cdm.batching)."""
+    unets = [build_unet(unet_config("small", 8, 1, 10), seed).eval() for seed in range(4)]
+    group, gen = Group(unets), torch.Generator().manual_seed(1)
+    row, outs = torch.randn(1, 8, 8, generator=gen), []
+    with torch.inference_mode():
+        for trial in range(6):
+            models = torch.randint(0, 4, (4,), generator=gen).tolist()
+            slot, pos = trial % 4, trial % 2
+            models[slot] = 3
+            x, t = torch.randn(4, 2, 1, 8, 8, generator=gen), torch.randint(0, 1000, (4, 2), generator=gen)
+            c = torch.randint(0, 11, (4, 2), generator=gen)
+            x[slot, pos], t[slot, pos], c[slot, pos] = row, 437, 3
+            outs.append(group(x, t, c, models)[slot, pos])
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_only_what_a_group_computes_exactly_is_grouped():
     with pytest.raises(ValueError, match="architectures"):
-        Group([unets[0], build_unet(unet_config("small", 8, 1, 10), 0)])
+        Group([build_unet(unet_config("tiny", 8, 1, 10), 0), build_unet(unet_config("small", 8, 1, 10), 0)])
+    with pytest.raises(ValueError, match="only class-conditional UNet2DModel"):
+        Group([build_unet(text_unet_config("tiny", 8, 1, 16), s) for s in range(2)])
+    conf = dict(unet_config("tiny", 8, 1, 10), resnet_time_scale_shift="scale_shift")
+    with pytest.raises(ValueError, match="scale-shift"):
+        Group([build_unet(conf, s) for s in range(2)])
+    conf = dict(unet_config("tiny", 8, 1, 10), down_block_types=("DownBlock2D", "ResnetDownsampleBlock2D"),
+                up_block_types=("ResnetUpsampleBlock2D", "UpBlock2D"))
+    with pytest.raises(ValueError, match="cannot group a model with a"):
+        Group([build_unet(conf, s) for s in range(2)])
 
 
 def test_grouped_sampling_equals_the_default_within_rounding(tmp_path, digits):

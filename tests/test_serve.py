@@ -147,13 +147,14 @@ def test_queue_full_is_503_and_deadlines_are_504(served):
         assert first["r"].status_code == 200  # the slow one was not disturbed
 
 
-def test_batched_requests_match_requests_alone(served):
+@pytest.mark.parametrize("grouped", [False, True], ids=["separate", "grouped"])
+def test_batched_requests_match_requests_alone(served, grouped):
     reqs = [("alice", {"n": 2, "label": "3", "steps": 6, "seed": 1}),
             ("bob", {"n": 3, "label": "4", "steps": 8, "seed": 2, "commit": 0.0}),
             ("bob", {"n": 2, "steps": 5, "seed": 3, "router": "uniform", "guidance": 2.0}),
             ("root", {"n": 1, "label": "7", "steps": 6, "seed": 4, "compartments": ["digits-0"]})]
     slow = {"n": 8, "steps": 1000, "label": "1", "deadline_s": 1}
-    with served(workers=5, max_steps=1000) as url, httpx.Client(base_url=url, timeout=120) as c:
+    with served(workers=5, max_steps=1000, grouped=grouped) as url, httpx.Client(base_url=url, timeout=120) as c:
         alone = [c.post("/v1/generate", json=body, headers=H(user)).json() for user, body in reqs]
         got: dict[int, httpx.Response] = {}
 

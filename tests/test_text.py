@@ -245,6 +245,8 @@ def test_served_prompts_stay_inside_the_policy(tmp_path, owners):
     policy = Policy.parse(f'[users.amy]\ncompartments = ["ann"]\nkeys = ["{digest}"]\n')
     ref = api.sample(alone, 2, prompt="handwritten nine", steps=4, seed=7, guidance=2.0)
     s.close()
+    with pytest.raises(StoreError, match="--grouped needs class-conditional"):  # refused at start, not per request
+        create_app(tmp_path / "s", policy, ServeConfig(grouped=True))
     with Server(create_app(tmp_path / "s", policy, ServeConfig(max_n=4, max_steps=10))) as url, \
             httpx.Client(base_url=url, timeout=60) as c:
         h = {"X-API-Key": key}

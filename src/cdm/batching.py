@@ -13,6 +13,13 @@ same bytes alone or batched. Convolution libraries pick kernels by batch size (o
 oneDNN gives last-bit differences between batches of 4, 16 and 64 rows), so every model
 call is made on exactly `chunk` rows, the last chunk padded; within a chunk a row's result
 does not depend on its position or neighbours (tested in tests/test_batching.py).
+
+Grouped calls (`group_chunk`, `cdm serve --grouped`): the rows of every model of one
+`cdm.grouped.Group` go through one wide call of the whole group, `group_chunk` rows in each
+model's slot (padded), so many small models cost about what one call costs. The shape is
+again fixed, and a row's result does not depend on what the other slots or rows hold (also
+tested), so a request's bytes stay the same alone or batched; they differ from separate calls
+in the last bits, as grouped calls do.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .denoisers import Cond, Denoiser, cond_cat, cond_rows, fixed_chunks
+from .denoisers import Cond, Denoiser, cond_cat, cond_rows, fixed_chunks, padded
 
 
 def model_key(denoiser: Denoiser):
@@ -43,6 +50,7 @@ class _Call:
     x: torch.Tensor
     t: torch.Tensor
     cond: Cond
+    slot: tuple | None = None  # (Group, model index): the call may run in the group's wide call
     out: torch.Tensor | None = None
 
 
@@ -53,19 +61,32 @@ class _Round:
     error: BaseException | None = None
 
 
+def sampler_thread() -> None:
+    """Call first on a thread that samples through a batcher (`cdm serve`'s workers). Its own
+    work (router, guidance, scheduler steps) is small, so it runs on one core: a thread that
+    keeps a team of compute threads, even idle, slows every other thread's torch calls (2 of
+    them on 2 cores: 8.4 ms -> 20 ms for one model call), here the batcher's. A served
+    4-image request took 206 ms with multi-threaded samplers and 105 ms with these (the same
+    script, run both ways)."""
+    torch.set_num_threads(1)
+
+
 class Batcher:
     """Shares model calls among the samplers of concurrent requests.
 
         with batcher.session():
             pipe(n, label, settings, batcher=batcher)   # on each request's own thread
 
-    `chunk` is the number of rows of every model call. Counters: `rounds` (model-call rounds
-    run), `shared` (rounds that carried rows of two or more requests), `calls` (model calls)."""
+    `chunk` is the number of rows of every model call, `group_chunk` the rows of each model's
+    slot in a grouped call. Counters: `rounds` (model-call rounds run), `shared` (rounds that
+    carried rows of two or more requests), `calls` (model calls, a grouped call counted once)."""
 
-    def __init__(self, chunk: int = 16):
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1 row, got {chunk}")
-        self.chunk = chunk
+    def __init__(self, chunk: int = 16, group_chunk: int = 8):
+        for name, v in (("chunk", chunk), ("group_chunk", group_chunk)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1 row, got {v}")
+        self.chunk, self.group_chunk = chunk, group_chunk
+        self.threads = torch.get_num_threads()  # the compute thread's; samplers may run on one (sampler_thread)
         self.rounds = self.shared = self.calls = 0
         self._cv = threading.Condition()
         self._active = 0  # samplers in a session
@@ -87,9 +108,10 @@ class Batcher:
                 self._active -= 1
                 self._cv.notify_all()  # the others may be all that is left to wait for
 
-    def run(self, calls: list[tuple[Denoiser, torch.Tensor, torch.Tensor, Cond]]) -> list[torch.Tensor]:
-        """eps of each (denoiser, x, t, cond), computed together with the other samplers' calls."""
-        mine = [_Call(model_key(d), d, x, t, c) for d, x, t, c in calls]
+    def run(self, calls: list[tuple]) -> list[torch.Tensor]:
+        """eps of each (denoiser, x, t, cond[, (group, index)]), computed together with the
+        other samplers' calls; with a (group, index), in the group's wide call."""
+        mine = [_Call(model_key(d), d, x, t, c, *slot) for d, x, t, c, *slot in calls]
         with self._cv:
             if self._active < 1:
                 raise RuntimeError("Batcher.run outside a session")
@@ -110,6 +132,7 @@ class Batcher:
         self._thread.join()
 
     def _serve(self) -> None:
+        torch.set_num_threads(self.threads)  # a new thread would take the count last set on any thread
         while True:
             with self._cv:
                 while not self._stop and not (self._round.calls and len(self._waiting) >= self._active):
@@ -131,8 +154,11 @@ class Batcher:
     @torch.inference_mode()
     def _compute(self, calls: list[_Call]) -> None:
         groups: dict[object, list[_Call]] = {}
+        wide: dict[object, list[_Call]] = {}
         for c in calls:
-            groups.setdefault(c.key, []).append(c)
+            (groups if c.slot is None else wide).setdefault(c.key if c.slot is None else c.slot[0], []).append(c)
+        for group, mine in wide.items():
+            self._grouped(group, mine)
         for group in groups.values():
             x = torch.cat([c.x for c in group])
             t = torch.cat([c.t for c in group])
@@ -142,21 +168,50 @@ class Batcher:
             for c, e in zip(group, eps.split([len(c.x) for c in group])):
                 c.out = e
 
+    def _grouped(self, group, calls: list[_Call]) -> None:
+        """The calls on a group's models in wide calls of all of them, `group_chunk` rows in
+        each model's slot (slot k is model k), short slots padded with a copy of a row and idle
+        ones computing some other model's row; what padding computes is thrown away."""
+        r = self.group_chunk
+        per = [[c for c in calls if c.slot[1] == k] for k in range(group.k)]
+        rows = [None if not cs else (torch.cat([c.x for c in cs]), torch.cat([c.t for c in cs]),
+                                     torch.cat([c.cond for c in cs])) for cs in per]
+        filler = next(v for v in rows if v is not None)
+        out: list[list[torch.Tensor]] = [[] for _ in per]
+        for start in range(0, max(len(v[0]) for v in rows if v is not None), r):
+            slots = []
+            for v in rows:
+                n = 0 if v is None else max(0, min(r, len(v[0]) - start))
+                idx = padded(torch.arange(start, start + n, device=filler[0].device), r) if n else \
+                    torch.zeros(r, dtype=torch.long, device=filler[0].device)
+                slots.append((n, [a[idx] for a in (v if n else filler)]))
+            eps = group(*(torch.stack([inputs[j] for _, inputs in slots]) for j in range(3)))  # (K, r, ...)
+            self.calls += 1
+            for k, (n, _) in enumerate(slots):
+                if n:
+                    out[k].append(eps[k, :n])
+        for cs, o in zip(per, out):
+            if cs:
+                for c, e in zip(cs, torch.cat(o).split([len(c.x) for c in cs])):
+                    c.out = e
 
-def batched_joint(batcher: Batcher, denoisers: list[Denoiser]):
+
+def batched_joint(batcher: Batcher, denoisers: list[Denoiser], group=None):
     """A mixture's `joint` (cdm.mixture.Joint) that sends its calls through `batcher`: every
-    compartment's rows of one step go in one round."""
+    compartment's rows of one step go in one round; with `group` (a cdm.grouped.Group of the
+    denoisers' models, in order), in the group's wide calls."""
 
     def run(x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
         calls, cols = [], []
         for k, d in enumerate(denoisers):
+            slot = () if group is None else ((group, k),)
             if keep is None:
-                calls.append((d, x, t, cond))
+                calls.append((d, x, t, cond, *slot))
                 cols.append((k, slice(None)))
                 continue
             rows = keep[:, k].nonzero().flatten()
             if len(rows):
-                calls.append((d, x[rows], t[rows], cond_rows(cond, rows)))
+                calls.append((d, x[rows], t[rows], cond_rows(cond, rows), *slot))
                 cols.append((k, rows))
         out = x.new_zeros((x.shape[0], len(denoisers), *x.shape[1:]))
         for (k, rows), eps in zip(cols, batcher.run(calls)):

@@ -280,7 +280,7 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
            policy: Optional[Path] = typer.Option(None, help="Policy TOML (default: the store's policy)."),
            adapter_mode: str = typer.Option("merged", help="Adapter compartments: merged (fastest on CPU), loop "
                                                            "(one base in memory) or joint (one batched call)."),
-           grouped: bool = typer.Option(False, help="All compartments in one vectorised call per step: faster for "
+           grouped: bool = typer.Option(False, help="All compartments in one wide call per step: faster for "
                                                     "small batches, equal to the default within float rounding."),
            out_dir: Path = typer.Option(Path("samples"), "--out", help="Where the PNGs go."),
            device: str = typer.Option("cpu"), json_out: bool = typer.Option(False, "--json"),
@@ -405,6 +405,10 @@ def serve(store: Path, policy: Path = typer.Option(..., help="Policy TOML: users
           per_key: int = typer.Option(4, help="Requests one API key may have running or waiting (more get 429)."),
           chunk: int = typer.Option(16, help="Rows of every batched model call (fixed, so that a request's images "
                                              "do not depend on what it was batched with)."),
+          grouped: bool = typer.Option(False, help="Compartments' model calls in one wide call of all of them: "
+                                                   "more images/s with many small models, equal to separate calls "
+                                                   "within float rounding."),
+          group_chunk: int = typer.Option(8, help="With --grouped: rows of each compartment in a wide call."),
           device: str = typer.Option("cpu")) -> None:
     """Serve compositions over HTTP, each API key limited to its user's compartments (docs at /docs)."""
     import uvicorn  # the HTTP stack (FastAPI, uvicorn) loads for `cdm serve` only: +0.7 s on every other command
@@ -414,7 +418,8 @@ def serve(store: Path, policy: Path = typer.Option(..., help="Policy TOML: users
     with _errors():
         app_ = create_app(store, Policy.load(policy), ServeConfig(max_n=max_n, max_steps=max_steps, workers=workers,
                                                                  queue=queue, per_key=per_key, device=device,
-                                                                 chunk=chunk))
+                                                                 chunk=chunk, grouped=grouped,
+                                                                 group_chunk=group_chunk))
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 

@@ -35,11 +35,13 @@ def fixed_chunks(fn: Callable[[torch.Tensor], torch.Tensor], n: int, chunk: int,
     out = []
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(start + chunk, n), device=device)
-        pad = chunk - len(rows)
-        if pad:
-            rows = torch.cat([rows, rows.new_full((pad,), start)])
-        out.append(fn(rows)[:chunk - pad])
+        out.append(fn(padded(rows, chunk))[:len(rows)])
     return torch.cat(out)
+
+
+def padded(rows: torch.Tensor, r: int) -> torch.Tensor:
+    """Row indices made up to `r` with copies of the first (its result is thrown away)."""
+    return torch.cat([rows, rows[:1].expand(r - len(rows))])
 
 
 def cond_rows(c: Cond, rows: torch.Tensor) -> Cond:

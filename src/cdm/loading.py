@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 from .adapters import ADAPTER_WEIGHTS, AdapterBank, PromptModel, is_full, is_prompt, merged
+from .grouped import Group
 from .models import RouterNet, unet_class
 from .latent import load_latents
 from .recipes import latent_config, latent_dir, text_config, text_dir
@@ -103,6 +104,14 @@ def load_vae(store: Store, device: str = "cpu"):
         return None
     folder = latent_dir(store, config)
     return _cached((str(folder), config.digest, str(device), "vae"), lambda: load_latents(folder, config, device))
+
+
+def load_group(store: Store, names: list[str], unets: list, device: str = "cpu") -> Group:
+    """The models of `names` (loaded: `unets`) as one cdm.grouped.Group, shared by every
+    pipeline that composes them, so the server's wide calls carry all their requests."""
+    base = store.model(BASE)
+    key = ("group", str(device), base.digest if base else None, *((n, store.model(n).digest) for n in names))
+    return _cached(key, lambda: Group(unets))
 
 
 def scheduler_config(store: Store, name: str) -> dict:

@@ -162,6 +162,9 @@ class Mixture:
         """Sampler hook: record this step's weights, and tell the router where the step went."""
         check_sampler(self.router, step.stochastic)
         self.trace.append(self.last_weights[:self.samples].cpu())
+        if self.committed:  # each sample runs one model from here on: its weights stay one-hot
+            self.state = torch.where(self.active, self.state, -torch.inf) if self.spec.stateful else self.state
+            return
         x, eps = self._last
         x_prev = step.x_prev.repeat(self.copies, *([1] * (step.x_prev.dim() - 1)))  # every copy moved alike
         self.state = self.router.update(self.state, x, x_prev, eps, step.alpha_bar, step.alpha_bar_prev)

@@ -27,7 +27,8 @@ from .batching import Batcher, batched, batched_joint
 from .data import to_uint8_images
 from .denoisers import ClassLabels, guided, unet_denoiser
 from .grouped import Group, grouped_joint
-from .loading import load_bank, load_classifier, load_text, load_unet, load_vae, register_holder, scheduler_config
+from .loading import (load_bank, load_classifier, load_group, load_text, load_unet, load_vae, register_holder,
+                      scheduler_config)
 from .mixture import Mixture
 from .plan import model_state
 from .policy import Policy, store_policy
@@ -107,8 +108,9 @@ class CDMPipeline:
 
     def __init__(self, names: list[str], denoisers: list, router, labels: dict[str, int],
                  hist: dict, scheduler: dict, cond: ClassLabels | Prompts, shape: tuple[int, int, int],
-                 device: str = "cpu", joint=None, vae=None):
+                 device: str = "cpu", joint=None, vae=None, group: Group | None = None):
         self.names, self.denoisers, self.router, self.joint = names, denoisers, router, joint
+        self.group = group  # the models as one cdm.grouped.Group (`grouped`), used by batched calls too
         self.vae = vae  # latent stores: samples are decoded with the store's VAE (cdm.latent)
         self.labels, self.hist, self.scheduler, self.cond = labels, hist, scheduler, cond
         self.shape, self.device = shape, torch.device(device)
@@ -151,7 +153,7 @@ class CDMPipeline:
             elif policy is not None:
                 raise StoreError("--policy needs --user")
             names = [PARAGON] if paragon else cls._composed(store, allow)
-            joint = None
+            joint = group = None
             adapters = not paragon and adapter_config(store) is not None
             if adapters:
                 state = model_state(store, BASE)
@@ -165,12 +167,14 @@ class CDMPipeline:
             else:
                 unets = [load_unet(store, c, device) for c in names]
                 dens = [unet_denoiser(u) for u in unets]
-                joint = grouped_joint(Group(unets), dens) if grouped and len(unets) > 1 else None
+                if grouped and len(unets) > 1:
+                    group = load_group(store, names, unets, device)
+                    joint = grouped_joint(group, dens)
             comp_router = None if paragon else cls._router(store, router, names, device)
             encoder = load_text(store, device)
             cond = ClassLabels(null_label(store)) if encoder is None else Prompts(encoder)
             return cls(names, dens, comp_router, store.labels(), store.label_counts(), scheduler_config(store, names[0]),
-                       cond, model_shape(store), device, joint, load_vae(store, device))
+                       cond, model_shape(store), device, joint, load_vae(store, device), group)
 
     @staticmethod
     def _composed(store: Store, allow: list[str] | None) -> list[str]:
@@ -233,7 +237,7 @@ class CDMPipeline:
                          torch.cat([_log_prior(self.hist, self.names, c, 1) for c in lids[start:start + b]]))
                 if cfg:
                     prior = torch.cat([prior, _log_prior(self.hist, self.names, None, b)])
-                joint = self.joint if batcher is None else batched_joint(batcher, self.denoisers)
+                joint = self.joint if batcher is None else batched_joint(batcher, self.denoisers, self.group)
                 den = mix = Mixture(self.denoisers, self.router, prior.to(dev), s.prune, s.commit, draws,
                                     self.scheduler["num_train_timesteps"], joint, s.subset, copies=2 if cfg else 1)
             if cfg:

@@ -38,7 +38,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, StringConstraints, create_model, field_validator
 from starlette.datastructures import MutableHeaders
 
-from .batching import Batcher
+from .batching import Batcher, sampler_thread
 from .data import CAPTION_MAX, LABEL_MAX, NAME_RE, check_label
 from .errors import CdmError, DataError
 from .forget import forget
@@ -65,6 +65,8 @@ class ServeConfig:
     deadline: float = 120.0  # seconds: the default and the cap of a request's deadline
     device: str = "cpu"
     chunk: int = 16  # rows of every batched model call (fixed: a request's images do not depend on its company)
+    grouped: bool = False  # compositions' model calls in wide calls of all their models (cdm.grouped)
+    group_chunk: int = 8  # rows of each model in a wide call (fixed, like chunk)
 
 
 class SampleOut(BaseModel):
@@ -274,12 +276,15 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     sched = Scheduler(cfg.workers, cfg.queue, cfg.per_key)
     # Sampling runs on `workers` long-lived threads: torch keeps a team of compute threads per
     # calling thread, and a fresh caller per request leaves idle teams spinning on the cores.
-    samplers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdm-sample")
-    batcher = Batcher(cfg.chunk)  # the model calls of all of them run on its one thread
+    # Their model calls run on the batcher's thread, so they run on one core each (sampler_thread).
+    samplers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdm-sample", initializer=sampler_thread)
+    batcher = Batcher(cfg.chunk, cfg.group_chunk)  # the model calls of all of them run on its one thread
     pipes = PipelineCache()
     reported: set[str] = set()
     with Store.open(store_path) as s:
         timesteps = train_config(s).num_train_timesteps
+        if cfg.grouped and text_config(s) is not None:
+            raise StoreError("--grouped needs class-conditional models; this store is text-conditioned")
     if not 1 <= cfg.max_steps <= timesteps:
         raise StoreError(f"max_steps {cfg.max_steps} must be in 1..{timesteps}, the store's diffusion steps")
 
@@ -461,7 +466,7 @@ def _generate(store_path: Path, pipes: PipelineCache, batcher: Batcher, req, nam
 
     t0 = time.perf_counter()
     with Store.open(store_path) as s:
-        pipe = pipes.get(s, names, router=req.router, device=cfg.device)
+        pipe = pipes.get(s, names, router=req.router, device=cfg.device, grouped=cfg.grouped)
     settings = SamplingSettings(**{k: getattr(req, k) for k in SERVED}, batch_size=cfg.max_n)
     with batcher.session():
         g = pipe(req.n, req.label, settings, callback=check, batcher=batcher, prompt=req.prompt)
