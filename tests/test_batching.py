@@ -38,6 +38,28 @@ class Recording(Batcher):
         return super()._grouped(group, calls)
 
 
+def alone_then_together(b: Batcher, jobs: list) -> tuple[list, list]:
+    """Each (pipeline, n, label, settings) sampled alone through `b`, then all at once on
+    threads named req-i: (alone, together)."""
+
+    def one(job):
+        pipe, n, label, settings = job
+        with b.session():
+            return pipe(n, label, settings, batcher=b)
+
+    alone = [one(job) for job in jobs]
+    assert b.shared == 0
+    got: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda i=i: got.update({i: one(jobs[i])}), name=f"req-{i}")
+               for i in range(len(jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert b.shared > 0  # requests did share rounds of model calls
+    return alone, [got[i] for i in range(len(jobs))]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, digits):
     s = make_store(tmp_path_factory.mktemp("batching") / "s", digits[:120], "iid:4")
@@ -71,23 +93,8 @@ def test_requests_give_the_same_bytes_alone_and_batched(store):
             (full, 3, "7", SamplingSettings(steps=5, seed=5, prune=2.0)),
             (full, 2, None, SamplingSettings(steps=8, seed=6, subset=2))]
     b = Recording(chunk=8)
-
-    def one(job):
-        pipe, n, label, settings = job
-        with b.session():
-            return pipe(n, label, settings, batcher=b)
-
-    alone = [one(job) for job in jobs]
-    assert b.shared == 0
-    got: dict[int, object] = {}
-    threads = [threading.Thread(target=lambda i=i: got.update({i: one(jobs[i])}), name=f"req-{i}")
-               for i in range(len(jobs))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert b.shared > 0  # requests did share rounds of model calls
-    for i, (a, g) in enumerate(zip(alone, (got[i] for i in range(len(jobs))))):
+    alone, got = alone_then_together(b, jobs)
+    for i, (a, g) in enumerate(zip(alone, got)):
         assert np.array_equal(a.images, g.images), i
         assert a.compartments == g.compartments == jobs[i][0].names
         if a.attribution is not None:
@@ -112,23 +119,9 @@ def test_grouped_requests_give_the_same_bytes_alone_and_batched(store):
             (plain, 2, "1", SamplingSettings(steps=8, seed=4)),
             (full, 2, "7", SamplingSettings(steps=5, seed=5, prune=2.0))]
     b = Recording(chunk=8, group_chunk=3)
-
-    def one(job):
-        pipe, n, label, settings = job
-        with b.session():
-            return pipe(n, label, settings, batcher=b)
-
-    alone = [one(job) for job in jobs]
-    assert b.shared == 0 and b.wide > 0
-    got: dict[int, object] = {}
-    threads = [threading.Thread(target=lambda i=i: got.update({i: one(jobs[i])}), name=f"req-{i}")
-               for i in range(len(jobs))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert b.shared > 0
-    for i, (a, g) in enumerate(zip(alone, (got[i] for i in range(len(jobs))))):
+    alone, got = alone_then_together(b, jobs)
+    assert b.wide > 0
+    for i, (a, g) in enumerate(zip(alone, got)):
         assert np.array_equal(a.images, g.images), i
         assert np.array_equal(a.attribution, g.attribution) and np.array_equal(a.final, g.final)
         assert b.seen[f"req-{i}"] <= {id(model_key(d)) for d in jobs[i][0].denoisers}
