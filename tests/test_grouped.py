@@ -100,3 +100,19 @@ def test_grouped_sampling_equals_the_default_within_rounding(tmp_path, digits):
     assert diff.max() <= 2 and (diff == 0).mean() > 0.99 and np.array_equal(a.attribution, b.attribution)
     with pytest.raises(StoreError, match="grouped"):
         CDMPipeline.from_store(s, router="ito", grouped=True, adapter_mode="loop")
+
+
+def test_forgetting_drops_the_group_from_memory(tmp_path, digits, monkeypatch):
+    """A group holds copies of its models' weights: forgetting drops it with the models
+    (`loading.forget_unused_models`), and the next grouped pipeline builds a new one."""
+    from cdm import loading
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "group").mkdir()  # a cache key is not a path, whatever the working directory holds
+    s = make_store(tmp_path / "s", digits[:40], "iid:2")
+    api.train(s)
+    old = CDMPipeline.from_store(s, router="ito", grouped=True).group
+    assert any(k[0] == "group" for k in loading._UNETS)
+    api.forget(s, [s.items("digits-0")[0].hash])
+    assert not any(k[0] == "group" for k in loading._UNETS)
+    assert CDMPipeline.from_store(s, router="ito", grouped=True).group is not old

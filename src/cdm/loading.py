@@ -122,7 +122,7 @@ def scheduler_config(store: Store, name: str) -> dict:
 def forget_unused_models() -> None:
     """Drop models from memory whose folder is gone (replaced or forgotten), and every cached pipeline."""
     with _UNETS_LOCK:
-        for key in [k for k in _UNETS if k[0] == "bank" or not Path(k[0]).exists()]:
+        for key in [k for k in _UNETS if k[0] in ("bank", "group") or not Path(k[0]).exists()]:
             _UNETS.pop(key, None)
     for holder in list(_HOLDERS):
         holder.clear()
