@@ -192,7 +192,7 @@ class _Joined(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         r, c, height, width = x.shape
-        g = c // (self.resnet.conv1.stacks["weight"].shape[2])  # input channels of one model
+        g = self.resnet.conv1.g  # models in the call
         h, skip = x[:, :g * self.c_h].view(r, g, -1, height, width), x[:, g * self.c_h:].view(r, g, -1, height, width)
         return self.resnet(torch.cat([h, skip], dim=2).view(r, c, height, width), *args, **kwargs)
 
@@ -218,25 +218,23 @@ class Group:
                 or conf.resnet_time_scale_shift != "default"):
             raise ValueError("cannot group a UNet2DModel with centred input, fourier or class-typed embeddings, or "
                              "scale-shift time conditioning")
-        for name, m in u0.named_modules():
-            if type(m) not in _AS_IS + tuple(_KINDS) and not any(type(p) in (Attention, Downsample2D, Upsample2D)
-                                                                   for p in _parents(u0, name)):
-                raise ValueError(f"cannot group a model with a {type(m).__name__} layer ({name})")
         self.k = len(unets)
         self.every = self.now = tuple(range(self.k))  # all models, in order; the slot list of the call running
         self._lock, self._recent = threading.Lock(), [self.every]
-        skips = _skip_channels(u0)
         self.wide = copy.deepcopy(u0).to("meta")  # the skeleton; every layer with weights is replaced below
         layers = [dict(u.named_modules()) for u in unets]
         replaced: list[str] = []
         for name, m in list(self.wide.named_modules()):
             if any(name.startswith(r + ".") for r in replaced):
-                continue  # inside a layer already replaced
+                continue  # inside a layer already replaced (its constructor checks what it holds)
             kind = _KINDS.get(type(m))
             if kind is not None:
                 parent, _, leaf = name.rpartition(".")
                 setattr(self.wide.get_submodule(parent), leaf, kind([d[name] for d in layers]))
                 replaced.append(name)
+            elif type(m) not in _AS_IS:
+                raise ValueError(f"cannot group a model with a {type(m).__name__} layer ({name})")
+        skips = _skip_channels(u0)  # after the check: a model with other blocks may not even run this way
         for block, channels in zip(self.wide.up_blocks, skips):
             for j, resnet in enumerate(block.resnets):
                 block.resnets[j] = _Joined(resnet, resnet.conv1.stacks["weight"].shape[2] - channels[-1 - j])
@@ -287,11 +285,6 @@ class Group:
             old = self._recent.pop(1)  # the full list (first) stays
             for layer in self._wide_layers:
                 layer.cache.pop(old, None)
-
-
-def _parents(model: nn.Module, name: str) -> list[nn.Module]:
-    parts = name.split(".")
-    return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
 
 
 def _skip_channels(unet) -> list[list[int]]:
