@@ -9,24 +9,29 @@ models are trained one step. Prints JSON, then tables.
 
 Latency: one request of n images, alone, on the plain path (`cdm sample`) and on the
 served path (`cdm serve`: model calls through a batcher in fixed chunks; the grouped
-configurations in fixed wide calls, `cdm serve --grouped`), each request on a sampler thread
-as in `cdm serve` (one core of its own; model calls on the batcher's thread). Throughput: C
-client threads each sending requests of n images for S seconds through the served path
-(the server's sampling engine without HTTP, which costs the same for every configuration),
-and the same clients served one request at a time without batching (the server before
-batching). Large batches: one call of --big images on the plain path.
+configurations in fixed wide calls, `cdm serve --grouped`). Throughput: C client threads
+each sending requests of n images for S seconds through the served path (the server's
+sampling engine without HTTP, which costs the same for every configuration). Large batches:
+one call of --big images on the plain path.
+
+The served path runs in a process of its own laid out like `cdm serve`'s: requests on
+one-core sampler threads, model calls on the batcher's thread, the only one computing on
+several cores (an idle team of compute threads on another thread, such as this process's
+main thread after the plain path, slows it 2x: cdm.batching.sampler_thread).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import random
 import statistics
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from common import console, digits_store, emit, median_time, run_clients, train
 
 from cdm.batching import Batcher, sampler_thread
@@ -36,10 +41,9 @@ from cdm.train import RouterConfig, TrainConfig
 # name: (sparse settings, None for the paragon; grouped calls, cdm.grouped)
 CONFIGS = {"paragon": (None, False), "dense": ({}, False), "commit0": ({"commit": 0.0}, False),
            "dense grouped": ({}, True), "commit0 grouped": ({"commit": 0.0}, True)}
-SERVED = list(CONFIGS)
 
 
-def main() -> None:
+def options() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", type=Path, default=Path("bench-work/interactive"))
@@ -57,105 +61,122 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=250, help="images of the large-batch check (0: skip)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    repeats, seconds = args.repeats or (2 if args.quick else 7), args.seconds or (4 if args.quick else 20)
+    args.repeats, args.seconds = args.repeats or (2 if args.quick else 7), args.seconds or (4 if args.quick else 20)
+    return args
+
+
+def pipelines(args) -> tuple[dict, list[str]]:
     s = digits_store(args.work / f"iid-{args.k}-{args.preset}", f"iid:{args.k}",
                      TrainConfig(preset=args.preset, steps=1), RouterConfig(steps=1))
     train(s, paragon=True, router=False)
     pipes = {name: CDMPipeline.from_store(s, paragon=True, device=args.device) if sparse is None else
              CDMPipeline.from_store(s, router="ito", grouped=grouped, device=args.device)
              for name, (sparse, grouped) in CONFIGS.items()}
-    labels = list(s.labels())
-    batcher = Batcher(args.chunk, args.group_chunk)
+    return pipes, list(s.labels())
 
-    worker = ThreadPoolExecutor(1, initializer=sampler_thread)  # served requests run as on cdm serve's workers
 
-    def request(name: str, n: int, seed: int, served: bool, label: str = "3", here: bool = False):
+def latencies(args, request) -> list[dict]:
+    """Median seconds of one request of each n, each configuration, interleaved per repeat."""
+    ns = list(map(int, args.ns.split(",")))
+    for name in CONFIGS:  # warm up every shape once
+        for n in ns:
+            request(name, n, 0)
+    times: dict[tuple, list[float]] = {}
+    for r in range(args.repeats):
+        for n in ns:
+            for name in CONFIGS:
+                t = time.perf_counter()
+                request(name, n, r)
+                times.setdefault((n, name), []).append(time.perf_counter() - t)
+    return [dict(n=n, config=name, seconds=statistics.median(ts),
+                 vs_paragon=statistics.median(ts) / statistics.median(times[(n, "paragon")]))
+            for (n, name), ts in times.items()]
+
+
+def served(args) -> dict:
+    """Latency and throughput on the served path; run in a fresh process (see the top)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # before anything computes here: loading must not leave a team on this thread
+    batcher = Batcher(args.chunk, args.group_chunk, threads=threads)
+    pipes, labels = pipelines(args)
+    worker = ThreadPoolExecutor(1, initializer=sampler_thread)  # as cdm serve's workers
+
+    def sample(name: str, n: int, seed: int, label: str = "3"):
         settings = SamplingSettings(steps=args.steps, guidance=args.guidance, seed=seed, **(CONFIGS[name][0] or {}))
-        if not served:
-            return pipes[name](n, label, settings)
-        if not here:
-            return worker.submit(request, name, n, seed, served, label, True).result()
         with batcher.session():
             return pipes[name](n, label, settings, batcher=batcher)
 
-    lat: dict[tuple, list[float]] = {}
-    # the plain path first, before the batcher's thread ever computes: afterwards its idle
-    # compute threads spin for a while after each round and slow whatever runs next
-    for served in (False, True):
-        paths = [name for name in CONFIGS if not served or name in SERVED]
-        for name in paths:  # warm up every shape once
-            for n in map(int, args.ns.split(",")):
-                request(name, n, 0, served)
-        for r in range(repeats):
-            for n in map(int, args.ns.split(",")):
-                for name in paths:
-                    t = time.perf_counter()
-                    request(name, n, r, served)
-                    lat.setdefault((n, name, served), []).append(time.perf_counter() - t)
-    rows, out_lat = [], []
-    for (n, name, served), ts in lat.items():
-        med = statistics.median(ts)
-        ratio = med / statistics.median(lat[(n, "paragon", served)])
-        out_lat.append(dict(n=n, config=name, path="served" if served else "plain", seconds=med, vs_paragon=ratio))
-    for n in map(int, args.ns.split(",")):
-        for name in CONFIGS:
-            p, v = (next((o for o in out_lat if o["n"] == n and o["config"] == name and o["path"] == path), None)
-                    for path in ("plain", "served"))
-            rows.append([n, name, f"{p['seconds'] * 1e3:.0f}", f"{p['vs_paragon']:.2f}x",
-                         f"{v['seconds'] * 1e3:.0f}" if v else "", f"{v['vs_paragon']:.2f}x" if v else ""])
+    lat = latencies(args, lambda name, n, seed: worker.submit(sample, name, n, seed).result())
 
-    def load(name: str, batched: bool, n: int = 4) -> dict:
-        done, stop_at, lock = [], time.monotonic() + seconds, threading.Lock()
-        serial = threading.Lock()  # without batching the server sampled one request at a time
+    def load(name: str, n: int = 4) -> dict:
+        done, stop_at, lock = [], time.monotonic() + args.seconds, threading.Lock()
+        rounds, calls = batcher.rounds, batcher.calls
 
         def client(i: int) -> None:
-            if batched:
-                sampler_thread()
+            sampler_thread()
             rng = random.Random(i)
             while time.monotonic() < stop_at:
                 t = time.perf_counter()
-                if batched:
-                    request(name, n, rng.randrange(1 << 30), True, rng.choice(labels), here=True)
-                else:
-                    with serial:
-                        request(name, n, rng.randrange(1 << 30), False, rng.choice(labels))
+                sample(name, n, rng.randrange(1 << 30), rng.choice(labels))
                 with lock:
                     done.append(time.perf_counter() - t)
 
         wall = run_clients(client, args.clients)
-        return dict(config=name, batched=batched, requests=len(done), images_per_second=len(done) * n / wall,
-                    latency_p50=statistics.median(done) if done else None)
+        rounds = batcher.rounds - rounds
+        return dict(config=name, requests=len(done), images_per_second=len(done) * n / wall,
+                    latency_p50=statistics.median(done) if done else None, rounds=rounds,
+                    calls_per_round=(batcher.calls - calls) / max(rounds, 1))
 
-    shared0 = batcher.shared
-    thr = [load(name, batched) for batched in (True, False) for name in SERVED]
+    shared = batcher.shared
+    thr = [load(name) for name in CONFIGS]
     for o in thr:
-        o["vs_paragon"] = o["images_per_second"] / next(p["images_per_second"] for p in thr
-                                                        if p["config"] == "paragon" and p["batched"] == o["batched"])
+        o["vs_paragon"] = o["images_per_second"] / thr[0]["images_per_second"]
+    batcher.close()
+    worker.shutdown()
+    return dict(latency=lat, throughput=thr, shared_rounds=batcher.shared - shared, threads=threads)
+
+
+def main() -> None:
+    args = options()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        serve = pool.submit(served, args).result()  # first, so that nothing of this process runs beside it
+    pipes, _ = pipelines(args)
+
+    def request(name: str, n: int, seed: int):
+        settings = SamplingSettings(steps=args.steps, guidance=args.guidance, seed=seed, **(CONFIGS[name][0] or {}))
+        return pipes[name](n, "3", settings)
+
+    plain = latencies(args, request)
     big = []
     if args.big:
-        for name in ("paragon", "dense", "commit0", "dense grouped", "commit0 grouped"):
-            t, _ = median_time(lambda name=name: request(name, args.big, 0, False), max(1, repeats // 3))
+        for name in CONFIGS:
+            t, _ = median_time(lambda name=name: request(name, args.big, 0), max(1, args.repeats // 3))
             big.append(dict(config=name, n=args.big, seconds=t))
         for o in big:
             o["vs_paragon"] = o["seconds"] / big[0]["seconds"]
     out = dict(k=args.k, preset=args.preset, steps=args.steps, guidance=args.guidance, chunk=args.chunk,
-               group_chunk=args.group_chunk,
-               repeats=repeats, device=args.device, latency=out_lat, throughput=thr, shared_rounds=batcher.shared - shared0,
-               large_batch=big)
-    emit(out, f"latency (ms, median of {repeats}), CDM-{args.k} vs paragon, {args.steps} steps, guidance {args.guidance}",
+               group_chunk=args.group_chunk, repeats=args.repeats, clients=args.clients, seconds=args.seconds,
+               device=args.device, threads=serve["threads"],
+               latency=[dict(o, path="plain") for o in plain] + [dict(o, path="served") for o in serve["latency"]],
+               throughput=serve["throughput"], shared_rounds=serve["shared_rounds"], large_batch=big)
+    rows = []
+    for p in plain:
+        v = next(o for o in serve["latency"] if o["n"] == p["n"] and o["config"] == p["config"])
+        rows.append([p["n"], p["config"], f"{p['seconds'] * 1e3:.0f}", f"{p['vs_paragon']:.2f}x",
+                     f"{v['seconds'] * 1e3:.0f}", f"{v['vs_paragon']:.2f}x"])
+    emit(out, f"latency (ms, median of {args.repeats}), CDM-{args.k} vs paragon, {args.steps} steps, "
+              f"guidance {args.guidance}",
          ["n", "config", "plain ms", "plain vs paragon", "served ms", "served vs paragon"], rows)
     console.print()
-    print(f"\nthroughput: {args.clients} clients, n=4, {seconds:.0f} s each\n")
-    print("| config | batched | images/s | vs paragon | p50 s |\n|---|---|---|---|---|")
-    for o in thr:
-        print(f"| {o['config']} | {o['batched']} | {o['images_per_second']:.1f} | {o['vs_paragon']:.2f}x | "
-              f"{o['latency_p50']:.3f} |")
+    print(f"\nthroughput: {args.clients} clients, n=4, {args.seconds:.0f} s each, served\n")
+    print("| config | images/s | vs paragon | p50 s | model calls per round |\n|---|---|---|---|---|")
+    for o in serve["throughput"]:
+        print(f"| {o['config']} | {o['images_per_second']:.1f} | {o['vs_paragon']:.2f}x | {o['latency_p50']:.3f} | "
+              f"{o['calls_per_round']:.2f} |")
     if big:
         print(f"\nlarge batch: n={args.big}, plain path\n\n| config | s | vs paragon |\n|---|---|---|")
         for o in big:
             print(f"| {o['config']} | {o['seconds']:.2f} | {o['vs_paragon']:.2f}x |")
-    batcher.close()
-    worker.shutdown()
 
 
 if __name__ == "__main__":

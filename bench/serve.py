@@ -50,6 +50,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--router", default="ito")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--grouped", action="store_true", help="cdm serve --grouped (wide calls of all compartments)")
+    ap.add_argument("--commit", type=float, default=None, help="each request's commit (e.g. 0: one compartment per "
+                                                                 "image)")
+    ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--queue", type=int, default=8)
     ap.add_argument("--per-key", type=int, default=None, help="requests one key may have admitted (server default 4)")
     ap.add_argument("--fairness", action="store_true", help="flood from one key, time another key's requests")
@@ -81,7 +85,8 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-c", "from cdm.cli import app; app()", "serve", str(store),
                                "--policy", str(tmp / "policy.toml"), "--port", str(port), "--workers",
                                str(args.workers), "--queue", str(args.queue), "--max-steps", str(args.steps),
-                               *(["--per-key", str(args.per_key)] if args.per_key else [])],
+                               *(["--per-key", str(args.per_key)] if args.per_key else []),
+                               *(["--grouped"] if args.grouped else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -103,8 +108,9 @@ def main() -> None:
             rng = random.Random(i)
             with httpx.Client(base_url=url, headers=headers, timeout=600) as c:
                 while time.monotonic() < stop_at:
-                    body = {"n": args.n, "steps": args.steps, "router": args.router,
-                            "label": rng.choice(labels), "seed": rng.randrange(1 << 30)}
+                    body = {"n": args.n, "steps": args.steps, "router": args.router, "guidance": args.guidance,
+                            "label": rng.choice(labels), "seed": rng.randrange(1 << 30),
+                            **({} if args.commit is None else {"commit": args.commit})}
                     t = time.perf_counter()
                     r = c.post("/v1/generate", json=body)
                     results.append((time.perf_counter() - t, r.status_code))
@@ -122,7 +128,8 @@ def main() -> None:
         codes[str(code)] = codes.get(str(code), 0) + 1
     q = lambda p: round(ok[min(len(ok) - 1, int(p * len(ok)))], 3) if ok else None  # noqa: E731
     out = dict(store=str(store), compartments=len(comps), clients=args.clients, seconds=round(wall, 1), n=args.n,
-               steps=args.steps, router=args.router, workers=args.workers, queue=args.queue,
+               steps=args.steps, router=args.router, workers=args.workers, queue=args.queue, grouped=args.grouped,
+               commit=args.commit, guidance=args.guidance,
                requests=len(results), ok=len(ok), status_codes=codes,
                throughput_rps=round(len(ok) / wall, 3), images_per_second=round(len(ok) * args.n / wall, 2),
                latency_p50=q(0.5), latency_p99=q(0.99), latency_mean=round(statistics.mean(ok), 3) if ok else None,

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cdm import api
-from cdm.batching import Batcher, chunked, model_key
+from cdm.batching import Batcher, chunked, model_key, sampler_thread
 from cdm.denoisers import unet_denoiser
+from cdm.grouped import Group
 from cdm.models import build_unet, unet_config
 from cdm.pipeline import CDMPipeline, SamplingSettings
 
@@ -33,9 +34,9 @@ class Recording(Batcher):
         self.groups.setdefault(threading.current_thread().name, set()).update(id(c[4][0]) for c in calls if len(c) > 4)
         return super().run(calls)
 
-    def _grouped(self, group, calls):
+    def _grouped(self, *args):
         self.wide += 1
-        return super()._grouped(group, calls)
+        return super()._grouped(*args)
 
 
 def alone_then_together(b: Batcher, jobs: list) -> tuple[list, list]:
@@ -132,6 +133,53 @@ def test_grouped_requests_give_the_same_bytes_alone_and_batched(store):
     b.close()
 
 
+def test_rows_beyond_a_slot_wait_for_the_next_round():
+    """A wide call takes group_chunk rows of each model; the rest go in later rounds, and each
+    row's result is what a wide call of that shape gives it, whichever round it falls in."""
+    unets = [build_unet(unet_config("tiny", 8, 1, 10), seed).eval() for seed in range(3)]
+    group = Group(unets)
+    gen = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 1000, (6,), generator=gen), torch.arange(6)
+    dens = [unet_denoiser(u) for u in unets]
+    b = Batcher(chunk=4, group_chunk=2)
+    with b.session():  # model 0: 5 rows (3 rounds); model 2: 1 row; model 1: idle
+        got = b.run([(dens[0], x[:5], t[:5], c[:5], (group, 0)), (dens[2], x[5:], t[5:], c[5:], (group, 2))])
+    assert (b.rounds, b.calls) == (3, 3)
+    with torch.inference_mode():  # the same rows, each in some wide call of 3 slots x 2 rows
+        alone = group(torch.stack([x[[4, 4]], x[[0, 1]], x[[5, 5]]]), torch.stack([t[[4, 4]], t[[0, 1]], t[[5, 5]]]),
+                      torch.stack([c[[4, 4]], c[[0, 1]], c[[5, 5]]]), [0, 1, 2])
+        last = group(torch.stack([x[[2, 3]], x[[2, 3]], x[[2, 3]]]), torch.stack([t[[2, 3]]] * 3),
+                     torch.stack([c[[2, 3]]] * 3))
+    assert torch.equal(got[0][4], alone[0, 0]) and torch.equal(got[1][0], alone[2, 0])
+    assert torch.equal(got[0][2:4], last[0])
+    b.close()
+
+
+def test_the_batchers_thread_keeps_its_thread_count():
+    """torch applies the count last set on any thread at a thread's first parallel op; the
+    batcher's compute thread must keep its own when samplers then set theirs to one."""
+    den = unet_denoiser(build_unet(unet_config("tiny", 8, 1, 10), 0).eval())
+    seen = []
+
+    def counting(x, t, c):
+        seen.append(torch.get_num_threads())
+        return den(x, t, c)
+
+    before = torch.get_num_threads()
+    b = Batcher(chunk=4, threads=2)
+    th = threading.Thread(target=sampler_thread)
+    th.start()
+    th.join()
+    try:
+        with b.session():
+            b.run([(counting, torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long),
+                    torch.zeros(2, dtype=torch.long))])
+    finally:
+        torch.set_num_threads(before)
+        b.close()
+    assert seen == [2]
+
+
 def test_a_request_that_stops_does_not_stall_or_change_the_others(store):
     pipe = CDMPipeline.from_store(store, router="ito")
     b = Batcher(chunk=8)
@@ -167,6 +215,8 @@ def test_batcher_refuses_calls_outside_a_session_and_bad_chunks(store):
         Batcher(chunk=0)
     with pytest.raises(ValueError, match="group_chunk"):
         Batcher(group_chunk=0)
+    with pytest.raises(ValueError, match="threads"):
+        Batcher(threads=-1)
     b = Batcher(chunk=4)
     with pytest.raises(RuntimeError, match="session"):
         CDMPipeline.from_store(store, paragon=True)(1, "1", SamplingSettings(steps=2), batcher=b)

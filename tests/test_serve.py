@@ -86,8 +86,14 @@ def pngs(resp) -> list[np.ndarray]:
     return [np.asarray(Image.open(io.BytesIO(base64.b64decode(s["png_base64"])))) for s in resp.json()["samples"]]
 
 
+def batchers() -> int:
+    return sum(th.name == "cdm-batcher" for th in threading.enumerate())
+
+
 def test_auth_listing_and_generation(served, tmp_path):
+    before = batchers()
     with served() as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert batchers() == before + 1
         assert c.get("/health").json() == {"status": "ok"}
         assert c.post("/v1/generate", json={"n": 1}).status_code == 401
         assert c.post("/v1/generate", json={"n": 1}, headers={"X-API-Key": "nope"}).status_code == 401
@@ -106,6 +112,7 @@ def test_auth_listing_and_generation(served, tmp_path):
         # non-admins may not forget
         assert c.post("/v1/admin/forget", json={"source": "museum"}, headers=H("bob")).status_code == 403
         assert "cdm" in c.get("/").text and "/v1/generate" in c.get("/openapi.json").text
+    assert batchers() == before  # shutdown stops the compute thread (and frees its team of threads)
 
 
 def test_limits_give_422_naming_the_field(served):

@@ -15,15 +15,18 @@ call is made on exactly `chunk` rows, the last chunk padded; within a chunk a ro
 does not depend on its position or neighbours (tested in tests/test_batching.py).
 
 Grouped calls (`group_chunk`, `cdm serve --grouped`): the rows of every model of one
-`cdm.grouped.Group` go through one wide call of the whole group, `group_chunk` rows in each
+`cdm.grouped.Group` go through wide calls of the whole group, `group_chunk` rows in each
 model's slot (padded), so many small models cost about what one call costs. The shape is
 again fixed, and a row's result does not depend on what the other slots or rows hold (also
-tested), so a request's bytes stay the same alone or batched; they differ from separate calls
-in the last bits, as grouped calls do.
+tested), so a request's bytes stay the same alone or batched, and whichever round its rows
+fall in; they differ from separate calls in the last bits, as grouped calls do. A round makes
+one wide call per group; rows beyond a slot wait for the next round (continuous batching), so
+a busy model does not pad every other model's slot.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,25 +53,32 @@ class _Call:
     x: torch.Tensor
     t: torch.Tensor
     cond: Cond
-    slot: tuple | None = None  # (Group, model index): the call may run in the group's wide call
+    slot: tuple | None = None  # (Group, model index): the call runs in the group's wide calls
+    owner: int = 0  # the sampler's thread
+    age: int = 0  # its session's place in line: an older session's rows go first
+    done: int = 0  # rows computed so far (a grouped call may take several rounds)
+    parts: list[torch.Tensor] = field(default_factory=list)
     out: torch.Tensor | None = None
-
-
-@dataclass
-class _Round:
-    calls: list[_Call] = field(default_factory=list)
-    done: bool = False
     error: BaseException | None = None
 
 
+def pin_threads(n: int) -> None:
+    """Set the calling thread's torch thread count for good. torch applies, at a thread's first
+    parallel op, the count last set on any thread; reading the count back takes that step now,
+    so what other threads set later (sampler_thread) leaves this one alone."""
+    torch.set_num_threads(n)
+    if torch.get_num_threads() != n:  # another thread set its count in between
+        torch.set_num_threads(n)
+
+
 def sampler_thread() -> None:
-    """Call first on a thread that samples through a batcher (`cdm serve`'s workers). Its own
-    work (router, guidance, scheduler steps) is small, so it runs on one core: a thread that
-    keeps a team of compute threads, even idle, slows every other thread's torch calls (2 of
-    them on 2 cores: 8.4 ms -> 20 ms for one model call), here the batcher's. A served
-    4-image request took 206 ms with multi-threaded samplers and 105 ms with these (the same
-    script, run both ways)."""
-    torch.set_num_threads(1)
+    """Call first on a thread that samples through a batcher (`cdm serve`'s workers): its own
+    work (router, guidance, scheduler steps) is small, and it must not keep a team of compute
+    threads. Once a process holds more OpenMP threads than cores, libgomp stops spin-waiting
+    between parallel regions and every region pays a wake-up: the batcher's wide call of 8
+    models x 8 rows took 19 ms with its team alone and 39 ms beside one idle team of 2 on 2
+    cores. So in a batching process only the batcher's thread computes on several cores."""
+    pin_threads(1)
 
 
 class Batcher:
@@ -77,123 +87,158 @@ class Batcher:
         with batcher.session():
             pipe(n, label, settings, batcher=batcher)   # on each request's own thread
 
-    `chunk` is the number of rows of every model call, `group_chunk` the rows of each model's
-    slot in a grouped call. Counters: `rounds` (model-call rounds run), `shared` (rounds that
-    carried rows of two or more requests), `calls` (model calls, a grouped call counted once)."""
+    A round starts when every sampler in a session is waiting for its calls. It runs every
+    plain call in full, in `chunk`-row calls, and one wide call per group, `group_chunk` rows
+    in each model's slot; rows that do not fit wait for the next round, older sessions' rows
+    first (a request's rows may span rounds; its calls return when all are done). A wide call
+    thus carries the rows of whichever requests are waiting, instead of padding every model to
+    the busiest one's count. `threads`: torch threads of the compute thread (default: the
+    count when the batcher is made). Counters: `rounds` (rounds run), `shared` (rounds that
+    carried rows of two or more requests), `calls` (model calls, a wide call counted once)."""
 
-    def __init__(self, chunk: int = 16, group_chunk: int = 8):
-        for name, v in (("chunk", chunk), ("group_chunk", group_chunk)):
+    def __init__(self, chunk: int = 16, group_chunk: int = 8, threads: int | None = None):
+        for name, v in (("chunk", chunk), ("group_chunk", group_chunk), ("threads", 1 if threads is None else threads)):
             if v < 1:
-                raise ValueError(f"{name} must be >= 1 row, got {v}")
+                raise ValueError(f"{name} must be >= 1, got {v}")
         self.chunk, self.group_chunk = chunk, group_chunk
-        self.threads = torch.get_num_threads()  # the compute thread's; samplers may run on one (sampler_thread)
+        self.threads = torch.get_num_threads() if threads is None else threads
         self.rounds = self.shared = self.calls = 0
         self._cv = threading.Condition()
         self._active = 0  # samplers in a session
-        self._round = _Round()
-        self._waiting: set[int] = set()  # threads whose calls are in the current round
+        self._todo: list[_Call] = []  # calls not done yet, in arrival order
+        self._waiting: set[int] = set()  # threads with calls in _todo
+        self._ages = itertools.count()
+        self._local = threading.local()
         self._stop = False
-        self._thread = threading.Thread(target=self._serve, name="cdm-batcher", daemon=True)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="cdm-batcher", daemon=True)
         self._thread.start()
+        ready.wait()  # its thread count is set before any sampler sets its own
 
     @contextmanager
     def session(self):
         """One sampler takes part while inside (a request, on its own thread)."""
         with self._cv:
             self._active += 1
+            self._local.age = next(self._ages)
         try:
             yield self
         finally:
+            self._local.age = None
             with self._cv:
                 self._active -= 1
                 self._cv.notify_all()  # the others may be all that is left to wait for
 
     def run(self, calls: list[tuple]) -> list[torch.Tensor]:
         """eps of each (denoiser, x, t, cond[, (group, index)]), computed together with the
-        other samplers' calls; with a (group, index), in the group's wide call."""
-        mine = [_Call(model_key(d), d, x, t, c, *slot) for d, x, t, c, *slot in calls]
+        other samplers' calls; with a (group, index), in the group's wide calls."""
+        age, me = getattr(self._local, "age", None), threading.get_ident()
+        if age is None:
+            raise RuntimeError("Batcher.run outside a session")
+        mine = [_Call(model_key(d), d, x, t, c, *slot, owner=me, age=age) for d, x, t, c, *slot in calls]
         with self._cv:
-            if self._active < 1:
-                raise RuntimeError("Batcher.run outside a session")
-            rnd = self._round
-            rnd.calls.extend(mine)
-            self._waiting.add(threading.get_ident())
+            self._todo.extend(mine)
+            self._waiting.add(me)
             self._cv.notify_all()
-            while not rnd.done:
+            while any(c.out is None and c.error is None for c in mine):
                 self._cv.wait()
-        if rnd.error is not None:
-            raise RuntimeError("a batched model call failed") from rnd.error
+        error = next((c.error for c in mine if c.error is not None), None)
+        if error is not None:
+            raise RuntimeError("a batched model call failed") from error
         return [c.out for c in mine]
 
     def close(self) -> None:
+        """Stop the compute thread (its team of threads goes with it); calls still waiting fail."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
         self._thread.join()
+        with self._cv:
+            for c in self._todo:
+                c.error = RuntimeError("the batcher was closed")
+            self._todo = []
+            self._cv.notify_all()
 
-    def _serve(self) -> None:
-        torch.set_num_threads(self.threads)  # a new thread would take the count last set on any thread
+    def _serve(self, ready: threading.Event) -> None:
+        pin_threads(self.threads)
+        ready.set()
         while True:
             with self._cv:
-                while not self._stop and not (self._round.calls and len(self._waiting) >= self._active):
+                while not self._stop and not (self._todo and len(self._waiting) >= self._active):
                     self._cv.wait()
                 if self._stop:
                     return
-                rnd, self._round = self._round, _Round()
-                waiting, self._waiting = len(self._waiting), set()
+                todo = list(self._todo)
+            done: list[tuple[_Call, torch.Tensor]] = []
+            owners: set[int] = set()
             try:
-                self._compute(rnd.calls)
-            except BaseException as e:  # every waiting sampler gets it
-                rnd.error = e
+                self._compute(todo, done, owners)
+                error = None
+            except BaseException as e:  # the samplers with rows in this round get it
+                error = e
             with self._cv:
                 self.rounds += 1
-                self.shared += waiting > 1
-                rnd.done = True
+                self.shared += len(owners) > 1
+                for c, out in done:
+                    c.out = out
+                for c in self._todo:
+                    if error is not None and c.owner in owners:
+                        c.error = error
+                self._todo = [c for c in self._todo if c.out is None and c.error is None]
+                self._waiting = {c.owner for c in self._todo}
                 self._cv.notify_all()
 
     @torch.inference_mode()
-    def _compute(self, calls: list[_Call]) -> None:
-        groups: dict[object, list[_Call]] = {}
+    def _compute(self, todo: list[_Call], done: list, owners: set[int]) -> None:
+        """One round: every plain call in full, one wide call per group."""
+        plain: dict[object, list[_Call]] = {}
         wide: dict[object, list[_Call]] = {}
-        for c in calls:
-            (groups if c.slot is None else wide).setdefault(c.key if c.slot is None else c.slot[0], []).append(c)
-        for group, mine in wide.items():
-            self._grouped(group, mine)
-        for group in groups.values():
-            x = torch.cat([c.x for c in group])
-            t = torch.cat([c.t for c in group])
-            cond = cond_cat(*[c.cond for c in group])
-            eps = chunked(group[0].denoiser, x, t, cond, self.chunk)
+        for c in sorted(todo, key=lambda c: c.age):  # stable: arrival order within a session
+            if c.slot is None:
+                plain.setdefault(c.key, []).append(c)
+            else:
+                wide.setdefault(c.slot[0], []).append(c)
+        for group, calls in wide.items():
+            self._grouped(group, calls, done, owners)
+        for calls in plain.values():
+            owners.update(c.owner for c in calls)
+            x = torch.cat([c.x for c in calls])
+            eps = chunked(calls[0].denoiser, x, torch.cat([c.t for c in calls]), cond_cat(*[c.cond for c in calls]),
+                          self.chunk)
             self.calls += -(-len(x) // self.chunk)
-            for c, e in zip(group, eps.split([len(c.x) for c in group])):
-                c.out = e
+            done.extend(zip(calls, eps.split([len(c.x) for c in calls])))
 
-    def _grouped(self, group, calls: list[_Call]) -> None:
-        """The calls on a group's models in wide calls of all of them, `group_chunk` rows in
-        each model's slot (slot k is model k), short slots padded with a copy of a row and idle
-        ones computing some other model's row; what padding computes is thrown away."""
+    def _grouped(self, group, calls: list[_Call], done: list, owners: set[int]) -> None:
+        """One wide call of all the group's models, `group_chunk` rows in each model's slot
+        (slot k is model k), filled from `calls` in order; a short slot is padded with a copy of
+        a row and an idle one computes some other model's row (padding is thrown away)."""
         r = self.group_chunk
-        per = [[c for c in calls if c.slot[1] == k] for k in range(group.k)]
-        rows = [None if not cs else (torch.cat([c.x for c in cs]), torch.cat([c.t for c in cs]),
-                                     torch.cat([c.cond for c in cs])) for cs in per]
+        taken: list[list[tuple[_Call, int, int]]] = [[] for _ in range(group.k)]  # (call, first row, rows)
+        room = [r] * group.k
+        for c in calls:
+            k = c.slot[1]
+            n = min(room[k], len(c.x) - c.done)
+            if n:
+                taken[k].append((c, c.done, n))
+                room[k] -= n
+                owners.add(c.owner)
+        rows = [None if not parts else [torch.cat([getattr(c, a)[s:s + n] for c, s, n in parts])
+                                        for a in ("x", "t", "cond")] for parts in taken]
         filler = next(v for v in rows if v is not None)
-        out: list[list[torch.Tensor]] = [[] for _ in per]
-        for start in range(0, max(len(v[0]) for v in rows if v is not None), r):
-            slots = []
-            for v in rows:
-                n = 0 if v is None else max(0, min(r, len(v[0]) - start))
-                idx = padded(torch.arange(start, start + n, device=filler[0].device), r) if n else \
-                    torch.zeros(r, dtype=torch.long, device=filler[0].device)
-                slots.append((n, [a[idx] for a in (v if n else filler)]))
-            eps = group(*(torch.stack([inputs[j] for _, inputs in slots]) for j in range(3)))  # (K, r, ...)
-            self.calls += 1
-            for k, (n, _) in enumerate(slots):
-                if n:
-                    out[k].append(eps[k, :n])
-        for cs, o in zip(per, out):
-            if cs:
-                for c, e in zip(cs, torch.cat(o).split([len(c.x) for c in cs])):
-                    c.out = e
+        slots = []
+        for v in rows:
+            idx = padded(torch.arange(len((v or filler)[0]), device=filler[0].device), r)
+            slots.append([a[idx] for a in (v or filler)])
+        eps = group(*(torch.stack([inputs[j] for inputs in slots]) for j in range(3)))  # (K, r, ...)
+        self.calls += 1
+        for k, parts in enumerate(taken):
+            at = 0
+            for c, s, n in parts:
+                c.parts.append(eps[k, at:at + n])
+                at += n
+                c.done += n
+                if c.done == len(c.x):
+                    done.append((c, torch.cat(c.parts)))
 
 
 def batched_joint(batcher: Batcher, denoisers: list[Denoiser], group=None):

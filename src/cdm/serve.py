@@ -270,15 +270,17 @@ def scrub_paths(msg: str, *roots: Path) -> str:
 
 def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     store_path = Path(store_path)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        samplers.shutdown(wait=False, cancel_futures=True)
+        batcher.close()  # a sampler still waiting for its calls gets an error, not a hang
+
     app = FastAPI(title="cdm", version="1", description="Compartmentalized diffusion: each API key samples from "
-                  "the composition of exactly the compartments its user may use.")
+                  "the composition of exactly the compartments its user may use.", lifespan=lifespan)
     key_header = APIKeyHeader(name=KEY_HEADER, auto_error=False, description="your API key")
     sched = Scheduler(cfg.workers, cfg.queue, cfg.per_key)
-    # Sampling runs on `workers` long-lived threads: torch keeps a team of compute threads per
-    # calling thread, and a fresh caller per request leaves idle teams spinning on the cores.
-    # Their model calls run on the batcher's thread, so they run on one core each (sampler_thread).
-    samplers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdm-sample", initializer=sampler_thread)
-    batcher = Batcher(cfg.chunk, cfg.group_chunk)  # the model calls of all of them run on its one thread
     pipes = PipelineCache()
     reported: set[str] = set()
     with Store.open(store_path) as s:
@@ -287,6 +289,11 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
             raise StoreError("--grouped needs class-conditional models; this store is text-conditioned")
     if not 1 <= cfg.max_steps <= timesteps:
         raise StoreError(f"max_steps {cfg.max_steps} must be in 1..{timesteps}, the store's diffusion steps")
+    # Sampling runs on `workers` long-lived threads whose model calls run on the batcher's one
+    # thread, the only one that computes on several cores: the samplers run on one each and the
+    # main thread computes nothing (sampler_thread says why it matters). Both stop at shutdown.
+    batcher = Batcher(cfg.chunk, cfg.group_chunk)  # the compute thread, with torch's count now
+    samplers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdm-sample", initializer=sampler_thread)
 
     def report_missing() -> None:
         """Log, once each, policy names that grant nothing (a forgotten source, a typo)."""
