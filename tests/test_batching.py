@@ -4,6 +4,7 @@ isolation of users' compartments, leaving mid-way, and the fixed-size chunks it 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -153,6 +154,44 @@ def test_rows_beyond_a_slot_wait_for_the_next_round():
     assert torch.equal(got[0][4], alone[0, 0]) and torch.equal(got[1][0], alone[2, 0])
     assert torch.equal(got[0][2:4], last[0])
     b.close()
+
+
+def test_an_older_requests_rows_go_first():
+    """b enters its session after a but hands over its rows first: a's rows still fill the
+    wide calls first, and b's wait (slots of 2 rows, 4 + 2 rows for one model)."""
+    unets = [build_unet(unet_config("tiny", 8, 1, 10), seed).eval() for seed in range(2)]
+    group, den = Group(unets), unet_denoiser(unets[0])
+    x, t, c = torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+    seen: list[set[str]] = []
+
+    class Logging(Batcher):
+        def _grouped(self, group, calls, done, owners):
+            super()._grouped(group, calls, done, owners)
+            names = {th.ident: th.name for th in threading.enumerate()}
+            seen.append({names[o] for o in owners})
+
+    b = Logging(chunk=4, group_chunk=2)
+    a_in = threading.Event()
+
+    def older():
+        with b.session():
+            a_in.set()
+            while not b._waiting:  # until b has handed over its rows
+                time.sleep(0.01)
+            b.run([(den, x, t, c, (group, 0))])
+
+    def younger():
+        a_in.wait()
+        with b.session():
+            b.run([(den, x[:2], t[:2], c[:2], (group, 0))])
+
+    threads = [threading.Thread(target=older, name="a"), threading.Thread(target=younger, name="b")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    b.close()
+    assert seen == [{"a"}, {"a"}, {"b"}]
 
 
 def test_the_batchers_thread_keeps_its_thread_count():
