@@ -11,7 +11,9 @@ Latency: one request of n images, alone, on the plain path (`cdm sample`) and on
 served path (`cdm serve`: model calls through a batcher in fixed chunks; the grouped
 configurations in fixed wide calls, `cdm serve --grouped`). Throughput: C client threads
 each sending requests of n images for S seconds through the served path (the server's
-sampling engine without HTTP, which costs the same for every configuration). Large batches:
+sampling engine without HTTP, which costs the same for every configuration), and the
+paragon's again with larger chunks (--paragon-chunks: fewer, larger calls suit its
+throughput, though a small request then pays for the padding). Large batches:
 one call of --big images on the plain path.
 
 The served path runs in a process of its own laid out like `cdm serve`'s: requests on
@@ -58,6 +60,8 @@ def options() -> argparse.Namespace:
     ap.add_argument("--chunk", type=int, default=16, help="rows of every batched model call (cdm serve --chunk)")
     ap.add_argument("--group-chunk", type=int, default=8, help="rows per model of a grouped call (cdm serve "
                                                                 "--group-chunk)")
+    ap.add_argument("--paragon-chunks", default="32,64", help="throughput of the paragon served with these chunks "
+                                                               "too (its best setting for throughput)")
     ap.add_argument("--big", type=int, default=250, help="images of the large-batch check (0: skip)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -97,20 +101,20 @@ def served(args) -> dict:
     """Latency and throughput on the served path; run in a fresh process (see the top)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # before anything computes here: loading must not leave a team on this thread
-    batcher = Batcher(args.chunk, args.group_chunk, threads=threads)
+    now = {"batcher": Batcher(args.chunk, args.group_chunk, threads=threads)}  # one at a time: one compute team
     pipes, labels = pipelines(args)
     worker = ThreadPoolExecutor(1, initializer=sampler_thread)  # as cdm serve's workers
 
     def sample(name: str, n: int, seed: int, label: str = "3"):
         settings = SamplingSettings(steps=args.steps, guidance=args.guidance, seed=seed, **(CONFIGS[name][0] or {}))
-        with batcher.session():
-            return pipes[name](n, label, settings, batcher=batcher)
+        with now["batcher"].session():
+            return pipes[name](n, label, settings, batcher=now["batcher"])
 
     lat = latencies(args, lambda name, n, seed: worker.submit(sample, name, n, seed).result())
 
     def load(name: str, n: int = 4) -> dict:
-        done, stop_at, lock = [], time.monotonic() + args.seconds, threading.Lock()
-        rounds, calls = batcher.rounds, batcher.calls
+        done, stop_at, lock, b = [], time.monotonic() + args.seconds, threading.Lock(), now["batcher"]
+        rounds, calls = b.rounds, b.calls
 
         def client(i: int) -> None:
             sampler_thread()
@@ -122,18 +126,25 @@ def served(args) -> dict:
                     done.append(time.perf_counter() - t)
 
         wall = run_clients(client, args.clients)
-        rounds = batcher.rounds - rounds
-        return dict(config=name, requests=len(done), images_per_second=len(done) * n / wall,
+        rounds = b.rounds - rounds
+        return dict(config=name, chunk=b.chunk, requests=len(done), images_per_second=len(done) * n / wall,
                     latency_p50=statistics.median(done) if done else None, rounds=rounds,
-                    calls_per_round=(batcher.calls - calls) / max(rounds, 1))
+                    calls_per_round=(b.calls - calls) / max(rounds, 1))
 
-    shared = batcher.shared
+    shared = now["batcher"].shared
     thr = [load(name) for name in CONFIGS]
+    shared = now["batcher"].shared - shared
+    for chunk in (int(c) for c in args.paragon_chunks.split(",") if c):
+        now["batcher"].close()
+        now["batcher"] = Batcher(chunk, args.group_chunk, threads=threads)
+        thr.append(load("paragon"))
+    now["batcher"].close()
+    worker.shutdown()
+    best = max(o["images_per_second"] for o in thr if o["config"] == "paragon")
     for o in thr:
         o["vs_paragon"] = o["images_per_second"] / thr[0]["images_per_second"]
-    batcher.close()
-    worker.shutdown()
-    return dict(latency=lat, throughput=thr, shared_rounds=batcher.shared - shared, threads=threads)
+        o["vs_best_paragon"] = o["images_per_second"] / best
+    return dict(latency=lat, throughput=thr, shared_rounds=shared, threads=threads)
 
 
 def main() -> None:
@@ -168,11 +179,14 @@ def main() -> None:
               f"guidance {args.guidance}",
          ["n", "config", "plain ms", "plain vs paragon", "served ms", "served vs paragon"], rows)
     console.print()
-    print(f"\nthroughput: {args.clients} clients, n=4, {args.seconds:.0f} s each, served\n")
-    print("| config | images/s | vs paragon | p50 s | model calls per round |\n|---|---|---|---|---|")
+    print(f"\nthroughput: {args.clients} clients, n=4, {args.seconds:.0f} s each, served; vs the paragon at "
+          f"--chunk {args.chunk} and at its best chunk\n")
+    print("| config | chunk | images/s | vs paragon | vs best paragon | p50 s | model calls per round |\n"
+          "|---|---|---|---|---|---|---|")
     for o in serve["throughput"]:
-        print(f"| {o['config']} | {o['images_per_second']:.1f} | {o['vs_paragon']:.2f}x | {o['latency_p50']:.3f} | "
-              f"{o['calls_per_round']:.2f} |")
+        print(f"| {o['config']} | {o['chunk'] if o['config'] == 'paragon' or not CONFIGS[o['config']][1] else ''} | "
+              f"{o['images_per_second']:.1f} | {o['vs_paragon']:.2f}x | {o['vs_best_paragon']:.2f}x | "
+              f"{o['latency_p50']:.3f} | {o['calls_per_round']:.2f} |")
     if big:
         print(f"\nlarge batch: n={args.big}, plain path\n\n| config | s | vs paragon |\n|---|---|---|")
         for o in big:
