@@ -5,9 +5,9 @@ and needs `rows` rows (2 with guidance) per step for S steps. A round runs one w
 `slots` slots x `rows_per_slot` rows, filled from the waiting rows, older requests first;
 rows that do not fit wait. A request advances a step once all its rows of the step are done.
 
-- fixed: slot k is model k (what the server does; slots = K);
-- flexible: each slot goes to the model with the most rows still waiting (a slot list
-  chosen per round, whose stacked weights would have to be gathered each round).
+- fixed: slot k is model k (slots = K);
+- flexible: each slot goes to the model with the most rows still waiting (what the server
+  does, cdm.batching: the slots whose model changed get its weights copied in place).
 
 Prints JSON, then a table: images finished per round and how full the slots were. The
 paragon finishes C * n / S images per round (all rows in one call).

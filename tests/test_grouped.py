@@ -70,6 +70,19 @@ def test_a_rows_result_does_not_depend_on_its_slot_or_company():
     assert all(torch.equal(o, outs[0]) for o in outs)
 
 
+def test_weights_filled_in_place_give_the_same_bytes_as_stacked_ones():
+    """Group(in_place=True) copies just the slots whose model changed into one set of buffers
+    (the server's wide calls); results are bit for bit those of freshly stacked weights."""
+    unets = [build_unet(unet_config("small", 8, 1, 10), seed).eval() for seed in range(4)]
+    group, gen = Group(unets), torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for models in ([0, 1, 2, 3, 0, 1], [0, 0, 2, 3, 3, 1], [2, 2, 2, 2, 2, 2], [3, 0, 1, 2, 1, 0]):
+            x, t = torch.randn(6, 2, 1, 8, 8, generator=gen), torch.randint(0, 1000, (6, 2), generator=gen)
+            c = torch.randint(0, 11, (6, 2), generator=gen)
+            assert torch.equal(group(x, t, c, models, in_place=True), group(x, t, c, models))
+            assert group.held(6) == models
+
+
 def test_only_what_a_group_computes_exactly_is_grouped():
     with pytest.raises(ValueError, match="architectures"):
         Group([build_unet(unet_config("tiny", 8, 1, 10), 0), build_unet(unet_config("small", 8, 1, 10), 0)])

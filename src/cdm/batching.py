@@ -20,8 +20,9 @@ model's slot (padded), so many small models cost about what one call costs. The 
 again fixed, and a row's result does not depend on what the other slots or rows hold (also
 tested), so a request's bytes stay the same alone or batched, and whichever round its rows
 fall in; they differ from separate calls in the last bits, as grouped calls do. A round makes
-one wide call per group; rows beyond a slot wait for the next round (continuous batching), so
-a busy model does not pad every other model's slot.
+one wide call per group, its slots given to the models with the most rows waiting (their
+weights copied in place, cdm.grouped.Group(in_place=True)); rows that do not fit wait for the
+next round (continuous batching), so a busy model does not pad every other model's slot.
 """
 
 from __future__ import annotations
@@ -88,19 +89,22 @@ class Batcher:
             pipe(n, label, settings, batcher=batcher)   # on each request's own thread
 
     A round starts when every sampler in a session is waiting for its calls. It runs every
-    plain call in full, in `chunk`-row calls, and one wide call per group, `group_chunk` rows
-    in each model's slot; rows that do not fit wait for the next round, older sessions' rows
-    first (a request's rows may span rounds; its calls return when all are done). A wide call
-    thus carries the rows of whichever requests are waiting, instead of padding every model to
-    the busiest one's count. `threads`: torch threads of the compute thread (default: the
-    count when the batcher is made). Counters: `rounds` (rounds run), `shared` (rounds that
-    carried rows of two or more requests), `calls` (model calls, a wide call counted once)."""
+    plain call in full, in `chunk`-row calls, and one wide call per group of `group_slots`
+    slots (default: one per model of the group) x `group_chunk` rows. Slots go to the models
+    with the most rows waiting, so a busy model takes several and an idle one none; rows
+    that do not fit wait for the next round, older sessions' rows first (a request's rows may
+    span rounds; its calls return when all are done). `threads`: torch threads of the compute
+    thread (default: the count when the batcher is made). Counters: `rounds` (rounds run),
+    `shared` (rounds that carried rows of two or more requests), `calls` (model calls, a wide
+    call counted once)."""
 
-    def __init__(self, chunk: int = 16, group_chunk: int = 8, threads: int | None = None):
-        for name, v in (("chunk", chunk), ("group_chunk", group_chunk), ("threads", 1 if threads is None else threads)):
+    def __init__(self, chunk: int = 16, group_chunk: int = 8, threads: int | None = None,
+                 group_slots: int | None = None):
+        for name, v in (("chunk", chunk), ("group_chunk", group_chunk), ("threads", 1 if threads is None else threads),
+                        ("group_slots", 1 if group_slots is None else group_slots)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        self.chunk, self.group_chunk = chunk, group_chunk
+        self.chunk, self.group_chunk, self.group_slots = chunk, group_chunk, group_slots
         self.threads = torch.get_num_threads() if threads is None else threads
         self.rounds = self.shared = self.calls = 0
         self._cv = threading.Condition()
@@ -209,36 +213,58 @@ class Batcher:
             done.extend(zip(calls, eps.split([len(c.x) for c in calls])))
 
     def _grouped(self, group, calls: list[_Call], done: list, owners: set[int]) -> None:
-        """One wide call of all the group's models, `group_chunk` rows in each model's slot
-        (slot k is model k), filled from `calls` in order; a short slot is padded with a copy of
-        a row and an idle one computes some other model's row (padding is thrown away)."""
-        r = self.group_chunk
-        taken: list[list[tuple[_Call, int, int]]] = [[] for _ in range(group.k)]  # (call, first row, rows)
-        room = [r] * group.k
+        """One wide call of `group_slots` slots x `group_chunk` rows. Slots go to the models
+        with the most rows waiting (a slot whose weights already belong to such a model keeps
+        them; others get theirs copied in place), then fill from `calls` in order; a short slot
+        is padded with a copy of a row, an idle one computes some row (padding is thrown away)."""
+        r, size = self.group_chunk, self.group_slots or group.k
+        left = [0] * group.k
         for c in calls:
-            k = c.slot[1]
-            n = min(room[k], len(c.x) - c.done)
-            if n:
-                taken[k].append((c, c.done, n))
-                room[k] -= n
-                owners.add(c.owner)
-        rows = [None if not parts else [torch.cat([getattr(c, a)[s:s + n] for c, s, n in parts])
-                                        for a in ("x", "t", "cond")] for parts in taken]
+            left[c.slot[1]] += len(c.x) - c.done
+        want = [0] * group.k
+        for _ in range(size):
+            m = max(range(group.k), key=lambda m: left[m] - want[m] * r)
+            if left[m] <= want[m] * r:
+                break
+            want[m] += 1
+        held = group.held(size)
+        models: list = [None] * size
+        for i, m in enumerate(held):
+            if m is not None and want[m]:
+                models[i], want[m] = m, want[m] - 1
+        free = iter(i for i in range(size) if models[i] is None)
+        for m in range(group.k):
+            for _ in range(want[m]):
+                models[next(free)] = m
+        for i in free:  # idle slots keep their weights
+            models[i] = 0 if held[i] is None else held[i]
+        room, parts = [r] * size, [[] for _ in range(size)]  # parts: (call, first row, rows) per slot
+        taken = []
+        for c in calls:
+            start = c.done
+            for i in (i for i in range(size) if models[i] == c.slot[1]):
+                n = min(room[i], len(c.x) - start)
+                if n:
+                    taken.append((c, i, start, n))
+                    parts[i].append(taken[-1])
+                    room[i], start = room[i] - n, start + n
+                    owners.add(c.owner)
+        rows = [None if not ps else [torch.cat([getattr(c, a)[s:s + n] for c, _, s, n in ps])
+                                     for a in ("x", "t", "cond")] for ps in parts]
         filler = next(v for v in rows if v is not None)
-        slots = []
+        inputs = []
         for v in rows:
             idx = padded(torch.arange(len((v or filler)[0]), device=filler[0].device), r)
-            slots.append([a[idx] for a in (v or filler)])
-        eps = group(*(torch.stack([inputs[j] for inputs in slots]) for j in range(3)))  # (K, r, ...)
+            inputs.append([a[idx] for a in (v or filler)])
+        eps = group(*(torch.stack([x[j] for x in inputs]) for j in range(3)), models, in_place=True)  # (S, r, ...)
         self.calls += 1
-        for k, parts in enumerate(taken):
-            at = 0
-            for c, s, n in parts:
-                c.parts.append(eps[k, at:at + n])
-                at += n
-                c.done += n
-                if c.done == len(c.x):
-                    done.append((c, torch.cat(c.parts)))
+        at = [0] * size
+        for c, i, s, n in taken:  # in row order for each call
+            c.parts.append(eps[i, at[i]:at[i] + n])
+            at[i] += n
+            c.done += n
+            if c.done == len(c.x):
+                done.append((c, torch.cat(c.parts)))
 
 
 def batched_joint(batcher: Batcher, denoisers: list[Denoiser], group=None):

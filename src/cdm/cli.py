@@ -408,7 +408,7 @@ def serve(store: Path, policy: Path = typer.Option(..., help="Policy TOML: users
           grouped: bool = typer.Option(False, help="Compartments' model calls in one wide call of all of them: "
                                                    "more images/s with many small models, equal to separate calls "
                                                    "within float rounding."),
-          group_chunk: int = typer.Option(8, help="With --grouped: rows of each compartment in a wide call."),
+          group_chunk: int = typer.Option(8, help="With --grouped: rows of each slot of a wide call (one slot per compartment, each round given to those with the most rows waiting)."),
           device: str = typer.Option("cpu")) -> None:
     """Serve compositions over HTTP, each API key limited to its user's compartments (docs at /docs)."""
     import uvicorn  # the HTTP stack (FastAPI, uvicorn) loads for `cdm serve` only: +0.7 s on every other command

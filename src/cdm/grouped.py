@@ -67,6 +67,17 @@ class _Wide(nn.Module):
     def arrange(self, name: str, stacked: torch.Tensor) -> torch.Tensor:  # (G, ...) -> what forward uses
         return stacked.flatten(0, 1).contiguous()
 
+    def slot_views(self, size: int) -> tuple[dict[str, torch.Tensor], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """Weights for `size` slots filled in place (Group.__call__(in_place=True)): the buffers,
+        each slot's block of them, and each model's block to copy there (every arrangement
+        is slot-major, so a slot's block is one row of buffer.view(size, -1))."""
+        k = len(next(iter(self.stacks.values())))
+        one = {n: [self.arrange(n, s[m:m + 1]).reshape(-1) for m in range(k)] for n, s in self.stacks.items()}
+        buf = {n: self.arrange(n, s[:1].expand(size, *s.shape[1:])).clone(memory_format=torch.contiguous_format)
+               for n, s in self.stacks.items()}
+        dst = [[buf[n].view(size, -1)[i] for n in buf] for i in range(size)]
+        return buf, dst, [[one[n][m] for n in buf] for m in range(k)]
+
 
 class _Conv(_Wide):
     """Conv2d on (R, G*C, H, W): one convolution with G groups."""
@@ -221,6 +232,7 @@ class Group:
         self.k = len(unets)
         self.every = self.now = tuple(range(self.k))  # all models, in order; the slot list of the call running
         self._lock, self._recent = threading.Lock(), [self.every]
+        self._slots = None  # in-place slot buffers: (model held by each slot, buffers, slot blocks, model blocks)
         self.wide = copy.deepcopy(u0).to("meta")  # the skeleton; every layer with weights is replaced below
         layers = [dict(u.named_modules()) for u in unets]
         replaced: list[str] = []
@@ -240,21 +252,26 @@ class Group:
                 block.resnets[j] = _Joined(resnet, resnet.conv1.stacks["weight"].shape[2] - channels[-1 - j])
         self._wide_layers = [m for m in self.wide.modules() if isinstance(m, _Wide)]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, models: list[int] | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, models: list[int] | None = None,
+                 in_place: bool = False) -> torch.Tensor:
+        """`in_place`: the slot list's weights are copied into one set of buffers, just the
+        slots whose model changed since the last such call, instead of stacked anew and
+        cached: for a caller whose slot list changes with every call (cdm.batching)."""
         g, r = x.shape[:2]
         return self._run(x.transpose(0, 1).reshape(r, -1, *x.shape[3:]), t.t(), cond.t(),
-                         self.every if models is None else tuple(models))
+                         self.every if models is None else tuple(models), in_place)
 
     def shared(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self._run(x.repeat(1, self.k, 1, 1), t[:, None].expand(-1, self.k), cond[:, None].expand(-1, self.k),
-                         self.every)
+                         self.every, False)
 
     @torch.inference_mode()
-    def _run(self, h: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, models: tuple) -> torch.Tensor:
+    def _run(self, h: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, models: tuple,
+             in_place: bool) -> torch.Tensor:
         """The wide forward of UNet2DModel: h (R, G*C, H, W), t and labels (R, G) -> (G, R, C, H, W)."""
         w, (r, g) = self.wide, t.shape
         with self._lock:
-            self._use(models)
+            self._fill(models) if in_place else self._use(models)
             emb = w.time_proj(t.reshape(-1)).to(h.dtype).view(r, -1)
             emb = w.time_embedding(emb)
             if w.class_embedding is not None:
@@ -270,6 +287,28 @@ class Group:
                 h, res = block(h, res[-n:], emb), res[:-n]
             h = w.conv_out(w.conv_act(w.conv_norm_out(h)))
         return h.view(r, g, -1, *h.shape[2:]).transpose(0, 1)
+
+    def held(self, size: int) -> list:
+        """The model whose weights each of `size` in-place slots holds now (None: not filled)."""
+        return list(self._slots[0]) if self._slots is not None and len(self._slots[0]) == size else [None] * size
+
+    def _fill(self, models: tuple) -> None:
+        """Make `models` the current slot list, in the in-place buffers (see __call__)."""
+        size = len(models)
+        if self._slots is None or len(self._slots[0]) != size:
+            views = [layer.slot_views(size) for layer in self._wide_layers]
+            self._slots = ([None] * size, [v[0] for v in views],
+                           [[d for v in views for d in v[1][i]] for i in range(size)],
+                           [[m for v in views for m in v[2][j]] for j in range(self.k)])
+        held, bufs, dst, src = self._slots
+        changed = [i for i, m in enumerate(models) if held[i] != m]
+        if changed:
+            torch._foreach_copy_([d for i in changed for d in dst[i]], [v for i in changed for v in src[models[i]]])
+            for i in changed:
+                held[i] = models[i]
+        for layer, buf in zip(self._wide_layers, bufs):
+            layer.w, layer.g = buf, size
+        self.now = None  # the next _use selects its cached weights again
 
     def _use(self, models: tuple) -> None:
         """Make `models` the current slot list; forget the stacked weights of an old one."""

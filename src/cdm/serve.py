@@ -66,7 +66,7 @@ class ServeConfig:
     device: str = "cpu"
     chunk: int = 16  # rows of every batched model call (fixed: a request's images do not depend on its company)
     grouped: bool = False  # compositions' model calls in wide calls of all their models (cdm.grouped)
-    group_chunk: int = 8  # rows of each model in a wide call (fixed, like chunk)
+    group_chunk: int = 8  # rows of each slot of a wide call (fixed, like chunk; a slot per model, to the busiest)
 
 
 class SampleOut(BaseModel):
