@@ -238,7 +238,7 @@ class Batcher:
                 models[next(free)] = m
         for i in free:  # idle slots keep their weights
             models[i] = 0 if held[i] is None else held[i]
-        room, parts = [r] * size, [[] for _ in range(size)]  # parts: (call, first row, rows) per slot
+        room, parts = [r] * size, [[] for _ in range(size)]  # parts: (call, slot, first row, rows) per slot
         taken = []
         for c in calls:
             start = c.done
