@@ -81,6 +81,10 @@ def pipelines(args) -> tuple[dict, list[str]]:
     return pipes, list(s.labels())
 
 
+def settings(args, name: str, seed: int) -> SamplingSettings:
+    return SamplingSettings(steps=args.steps, guidance=args.guidance, seed=seed, **(CONFIGS[name][0] or {}))
+
+
 def latencies(args, request) -> list[dict]:
     """Median seconds of one request of each n, each configuration, interleaved per repeat."""
     ns = list(map(int, args.ns.split(",")))
@@ -108,9 +112,8 @@ def served(args) -> dict:
     worker = ThreadPoolExecutor(1, initializer=sampler_thread)  # as cdm serve's workers
 
     def sample(name: str, n: int, seed: int, label: str = "3"):
-        settings = SamplingSettings(steps=args.steps, guidance=args.guidance, seed=seed, **(CONFIGS[name][0] or {}))
         with now["batcher"].session():
-            return pipes[name](n, label, settings, batcher=now["batcher"])
+            return pipes[name](n, label, settings(args, name, seed), batcher=now["batcher"])
 
     lat = latencies(args, lambda name, n, seed: worker.submit(sample, name, n, seed).result())
 
@@ -156,8 +159,7 @@ def main() -> None:
     pipes, _ = pipelines(args)
 
     def request(name: str, n: int, seed: int):
-        settings = SamplingSettings(steps=args.steps, guidance=args.guidance, seed=seed, **(CONFIGS[name][0] or {}))
-        return pipes[name](n, "3", settings)
+        return pipes[name](n, "3", settings(args, name, seed))
 
     plain = latencies(args, request)
     big = []

@@ -7,7 +7,7 @@ rows that do not fit wait. A request advances a step once all its rows of the st
 
 - fixed: slot k is model k (slots = K);
 - flexible: each slot goes to the model with the most rows still waiting (what the server
-  does, cdm.batching: the slots whose model changed get its weights copied in place).
+  does: cdm.batching.slot_counts; the slots whose model changed get its weights copied in place).
 
 Prints JSON, then a table: images finished per round and how full the slots were. The
 paragon finishes C * n / S images per round (all rows in one call).
@@ -21,6 +21,8 @@ import argparse
 import random
 
 from common import emit
+
+from cdm.batching import slot_counts
 
 
 def simulate(slots: int, per_slot: int, flexible: bool, clients: int, n: int, k: int, steps: int, rows: int,
@@ -44,15 +46,7 @@ def simulate(slots: int, per_slot: int, flexible: bool, clients: int, n: int, k:
     finished = used = 0
     for _ in range(rounds):
         waiting = [sum(d.get(m, 0) for d in need) for m in range(k)]
-        if flexible:
-            room = [0] * k
-            for _ in range(slots):
-                m = max(range(k), key=lambda m: waiting[m] - room[m])
-                if waiting[m] - room[m] <= 0:
-                    break
-                room[m] += per_slot
-        else:
-            room = [per_slot] * k
+        room = [n * per_slot for n in slot_counts(waiting, per_slot, slots)] if flexible else [per_slot] * k
         for i in sorted(range(clients), key=lambda i: reqs[i]["age"]):
             for m in need[i]:
                 take = min(room[m], need[i][m])

@@ -82,6 +82,18 @@ def sampler_thread() -> None:
     pin_threads(1)
 
 
+def slot_counts(waiting: list[int], rows: int, slots: int) -> list[int]:
+    """How many of a wide call's `slots` slots of `rows` rows each model gets, given the rows
+    it has waiting: one at a time to the model with the most rows not yet given room."""
+    want = [0] * len(waiting)
+    for _ in range(slots):
+        m = max(range(len(waiting)), key=lambda m: waiting[m] - want[m] * rows)
+        if waiting[m] <= want[m] * rows:
+            break
+        want[m] += 1
+    return want
+
+
 class Batcher:
     """Shares model calls among the samplers of concurrent requests.
 
@@ -221,12 +233,7 @@ class Batcher:
         left = [0] * group.k
         for c in calls:
             left[c.slot[1]] += len(c.x) - c.done
-        want = [0] * group.k
-        for _ in range(size):
-            m = max(range(group.k), key=lambda m: left[m] - want[m] * r)
-            if left[m] <= want[m] * r:
-                break
-            want[m] += 1
+        want = slot_counts(left, r, size)
         held = group.held(size)
         models: list = [None] * size
         for i, m in enumerate(held):
@@ -238,19 +245,20 @@ class Batcher:
                 models[next(free)] = m
         for i in free:  # idle slots keep their weights
             models[i] = 0 if held[i] is None else held[i]
-        room, parts = [r] * size, [[] for _ in range(size)]  # parts: (call, slot, first row, rows) per slot
-        taken = []
+        room, taken = [r] * size, []  # taken: (call, slot, first row, rows)
         for c in calls:
             start = c.done
             for i in (i for i in range(size) if models[i] == c.slot[1]):
                 n = min(room[i], len(c.x) - start)
                 if n:
                     taken.append((c, i, start, n))
-                    parts[i].append(taken[-1])
                     room[i], start = room[i] - n, start + n
                     owners.add(c.owner)
-        rows = [None if not ps else [torch.cat([getattr(c, a)[s:s + n] for c, _, s, n in ps])
-                                     for a in ("x", "t", "cond")] for ps in parts]
+        rows = []
+        for i in range(size):
+            mine = [(c, s, n) for c, j, s, n in taken if j == i]
+            rows.append([torch.cat([getattr(c, a)[s:s + n] for c, s, n in mine]) for a in ("x", "t", "cond")]
+                        if mine else None)
         filler = next(v for v in rows if v is not None)
         inputs = []
         for v in rows:
