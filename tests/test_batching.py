@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from cdm import api
-from cdm.batching import Batcher, chunked, model_key, sampler_thread
+from cdm.batching import Batcher, batched_joint, chunked, model_key, sampler_thread
 from cdm.denoisers import unet_denoiser
 from cdm.grouped import Group
+from cdm.mixture import Routes
 from cdm.models import build_unet, unet_config
 from cdm.pipeline import CDMPipeline, SamplingSettings
 
@@ -261,3 +262,22 @@ def test_batcher_refuses_calls_outside_a_session_and_bad_chunks(store):
     with pytest.raises(RuntimeError, match="session"):
         CDMPipeline.from_store(store, paragon=True)(1, "1", SamplingSettings(steps=2), batcher=b)
     b.close()
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_routed_rows_give_the_same_bytes_as_the_joints_columns(grouped):
+    """A committed mixture sends each row to its one model through `routed`: the same model
+    calls as the joint makes for that one-hot `keep`, so each row's eps is the same bytes."""
+    unets = [build_unet(unet_config("tiny", 8, 1, 10), seed).eval() for seed in range(3)]
+    dens = [unet_denoiser(u) for u in unets]
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(7, 1, 8, 8, generator=gen), torch.randint(0, 1000, (7,), generator=gen)
+    c, pick = torch.arange(7), torch.tensor([2, 0, 2, 2, 0, 2, 0])  # model 1 idle
+    b = Batcher(chunk=4, group_chunk=2)
+    joint = batched_joint(b, dens, Group(unets) if grouped else None)
+    with b.session(), torch.inference_mode():
+        columns = joint(x, t, c, torch.nn.functional.one_hot(pick, 3).bool())[torch.arange(7), pick]
+        routed = joint.routed(x, t, c, Routes.of(pick, 3))
+    b.close()
+    assert torch.equal(routed, columns)
+    assert Routes.of(pick, 3).counts == [3, 0, 4]

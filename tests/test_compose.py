@@ -236,3 +236,27 @@ def test_a_mixture_wrapped_in_guidance_still_routes():
         assert torch.equal(a.images, b.images) and torch.equal(a.weights, b.weights)
         assert torch.equal(a.final, b.final) and inner.evaluations == 2 * plain.evaluations
         assert (a.final.max(1).values > 0.99).float().mean() > 0.9  # it routed: weights settled on one compartment
+
+
+def test_a_committed_step_is_the_weighted_sum_bit_for_bit():
+    """Once committed, a row's eps is its one compartment's, picked out of the joint's columns
+    instead of summed with zero weights for the others: the same bits as the sum."""
+    n, sched = 256, make_scheduler(SCHED, "ddpm")
+    dens = [Gaussian(m, sched.alphas_cumprod) for m in MEANS]
+    mix = Mixture(dens, ItoRouter(), PI.log().expand(n, 3), commit=0.5, generator=torch.Generator().manual_seed(1))
+    checked = []
+
+    def summed(x, t, cond):  # the mixture, and the weighted sum over every column it kept
+        out = mix(x, t, cond)
+        eps = torch.stack([d(x, t, cond) for d in dens], 1) * mix.active[:, :, None, None, None]
+        w = mix.last_weights.to(eps.dtype)[:, :, None, None, None]
+        ref = w[:, 0] * eps[:, 0]
+        for k in range(1, 3):
+            ref = ref + w[:, k] * eps[:, k]
+        checked.append(mix.committed)
+        assert torch.equal(out, ref)
+        return out
+
+    compose(mix, sched, torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(3)), 20,
+            torch.Generator().manual_seed(4), den=summed)
+    assert checked.count(True) == 10  # committed from the step that drew (t <= 499.5 of 20 steps)

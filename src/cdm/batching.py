@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .denoisers import Cond, Denoiser, cond_cat, cond_rows, fixed_chunks, padded
+from .denoisers import Cond, Denoiser, cond_cat, cond_rows, fixed_chunks
 
 
 def model_key(denoiser: Denoiser):
@@ -228,7 +228,7 @@ class Batcher:
         """One wide call of `group_slots` slots x `group_chunk` rows. Slots go to the models
         with the most rows waiting (a slot whose weights already belong to such a model keeps
         them; others get theirs copied in place), then fill from `calls` in order; a short slot
-        is padded with a copy of a row, an idle one computes some row (padding is thrown away)."""
+        is padded with copies of a row, an idle one computes some row (padding is thrown away)."""
         r, size = self.group_chunk, self.group_slots or group.k
         left = [0] * group.k
         for c in calls:
@@ -254,17 +254,18 @@ class Batcher:
                     taken.append((c, i, start, n))
                     room[i], start = room[i] - n, start + n
                     owners.add(c.owner)
-        rows = []
-        for i in range(size):
-            mine = [(c, s, n) for c, j, s, n in taken if j == i]
-            rows.append([torch.cat([getattr(c, a)[s:s + n] for c, s, n in mine]) for a in ("x", "t", "cond")]
-                        if mine else None)
-        filler = next(v for v in rows if v is not None)
-        inputs = []
-        for v in rows:
-            idx = padded(torch.arange(len((v or filler)[0]), device=filler[0].device), r)
-            inputs.append([a[idx] for a in (v or filler)])
-        eps = group(*(torch.stack([x[j] for x in inputs]) for j in range(3)), models, in_place=True)  # (S, r, ...)
+        # one gather builds the call's input: row j of slot i at j * size + i (rows major, the
+        # layout the wide model runs on); a short slot repeats its last row, an idle one row 0
+        first, at, place = {}, 0, [[] for _ in range(size)]
+        for c in calls:
+            first[id(c)], at = at, at + len(c.x)
+        for c, i, s, n in taken:
+            place[i].extend(range(first[id(c)] + s, first[id(c)] + s + n))
+        index = [place[i][min(j, len(place[i]) - 1)] if place[i] else 0 for j in range(r) for i in range(size)]
+        idx = torch.tensor(index, device=calls[0].x.device)
+        x, t, cond = (torch.cat([getattr(c, a) for c in calls])[idx] for a in ("x", "t", "cond"))  # class labels
+        eps = group(x.view(r, size, *x.shape[1:]).transpose(0, 1), t.view(r, size).t(),
+                    cond.view(r, size).t(), models, in_place=True)  # (S, r, ...)
         self.calls += 1
         at = [0] * size
         for c, i, s, n in taken:  # in row order for each call
@@ -272,8 +273,7 @@ class Batcher:
             at[i] += n
             c.done += n
             if c.done == len(c.x):
-                done.append((c, torch.cat(c.parts)))
-
+                done.append((c, c.parts[0] if len(c.parts) == 1 else torch.cat(c.parts)))
 
 def batched_joint(batcher: Batcher, denoisers: list[Denoiser], group=None):
     """A mixture's `joint` (cdm.mixture.Joint) that sends its calls through `batcher`: every
@@ -282,21 +282,33 @@ def batched_joint(batcher: Batcher, denoisers: list[Denoiser], group=None):
 
     def run(x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
         calls, cols = [], []
-        for k, d in enumerate(denoisers):
+        for k in range(len(denoisers)) if keep is None else keep.any(0).nonzero().flatten().tolist():
             slot = () if group is None else ((group, k),)
             if keep is None:
-                calls.append((d, x, t, cond, *slot))
+                calls.append((denoisers[k], x, t, cond, *slot))
                 cols.append((k, slice(None)))
                 continue
             rows = keep[:, k].nonzero().flatten()
-            if len(rows):
-                calls.append((d, x[rows], t[rows], cond_rows(cond, rows), *slot))
-                cols.append((k, rows))
+            calls.append((denoisers[k], x[rows], t[rows], cond_rows(cond, rows), *slot))
+            cols.append((k, rows))
         out = x.new_zeros((x.shape[0], len(denoisers), *x.shape[1:]))
         for (k, rows), eps in zip(cols, batcher.run(calls)):
             out[rows, k] = eps
         return out
 
+    def routed(x: torch.Tensor, t: torch.Tensor, cond: Cond, routes) -> torch.Tensor:
+        """Each row through its one denoiser (cdm.mixture.Routes): the same calls as `run`
+        makes for a one-hot `keep`, so the same bytes, with fewer small ops around them."""
+        xs, ts, cs, calls, at = x[routes.order], t[routes.order], cond_rows(cond, routes.order), [], 0
+        for k, n in enumerate(routes.counts):
+            if n:
+                rows = slice(at, at + n)
+                calls.append((denoisers[k], xs[rows], ts[rows], cond_rows(cs, rows),
+                              *(() if group is None else ((group, k),))))
+                at += n
+        return torch.cat(batcher.run(calls))[routes.back]
+
+    run.routed = routed
     return run
 
 

@@ -10,6 +10,7 @@ routes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,8 +19,26 @@ from .denoisers import Cond, Denoiser, cond_rows
 from .routers import Router, check_sampler, spec
 from .sampler import Step
 
-# all denoisers at once: (x, t, cond, keep (B, K) bool or None = all) -> eps (B, K, C, H, W), zero where not kept
+# all denoisers at once: (x, t, cond, keep (B, K) bool or None = all) -> eps (B, K, C, H, W), zero where not kept.
+# A joint may also have `.routed(x, t, cond, routes) -> eps (B, C, H, W)`: each row through its one
+# denoiser (`Routes`), for a committed mixture; without it the mixture picks the columns out.
 Joint = Callable[[torch.Tensor, torch.Tensor, Cond, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Each row's one denoiser `pick` (B,): the rows in `order` (grouped by denoiser, rows in
+    ascending order within each), `counts` rows per denoiser, `back` their places again."""
+
+    pick: torch.Tensor
+    order: torch.Tensor
+    counts: list[int]
+    back: torch.Tensor
+
+    @classmethod
+    def of(cls, pick: torch.Tensor, k: int) -> "Routes":
+        order = torch.argsort(pick, stable=True)
+        return cls(pick, order, torch.bincount(pick, minlength=k).tolist(), torch.argsort(order))
 
 
 def separate(denoisers: list[Denoiser]) -> Joint:
@@ -94,7 +113,7 @@ class Mixture:
         self.samples = log_prior.shape[0] // copies  # rows of one copy
         self.commit_t = None if commit is None else (1 - commit) * (num_train_timesteps - 1)
         self.generator = generator or torch.Generator().manual_seed(0)
-        self.committed = self.drawn = False
+        self.committed = self.drawn = self._dropped = False
         self.state = router.init(log_prior)
         self.active = torch.isfinite(log_prior)  # (rows, K): evaluated in the last call
         self.evaluations = 0  # rows x models actually evaluated, for the benchmarks
@@ -107,6 +126,10 @@ class Mixture:
         return self.prune is not None or self.commit_t is not None or self.subset is not None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if self.committed and hasattr(self.joint, "routed"):  # each row through its one model
+            self.last_weights = self.active.to(torch.float64)
+            self.evaluations += len(x)
+            return self.joint.routed(x, t, cond, self.routes) + 0.0  # (+ 0.0: as below)
         if not self.sparse:
             eps = self.joint(x, t, cond, None)
             w = self.router.weights(self.state, x, t, cond)
@@ -114,8 +137,10 @@ class Mixture:
         else:
             w, keep = self._sparse_weights(x, t, cond)
             eps = self.joint(x, t, cond, keep)
-            self.evaluations += int(keep.sum())
+            self.evaluations += len(x) if self.committed else int(keep.sum())
         self.last_weights, self._last = w, (x, eps)
+        if self.committed:  # one-hot weights: the sum below is each row's own model's eps, and + 0.0 turns
+            return eps[torch.arange(len(x), device=x.device), self.routes.pick] + 0.0  # -0.0 to +0.0 as it does
         wf = w.to(eps.dtype)
         out = wf[:, 0, None, None, None] * eps[:, 0]
         for k in range(1, eps.shape[1]):
@@ -140,7 +165,8 @@ class Mixture:
         w = torch.where(cut, masked / masked.sum(1, keepdim=True), w)
         if self.commit_t is not None and float(t.max()) <= self.commit_t:
             pick = torch.multinomial(w[:self.samples].float().cpu(), 1, generator=self.generator).flatten()
-            keep = torch.nn.functional.one_hot(pick.repeat(self.copies), w.shape[1]).bool().to(w.device)
+            self.routes = Routes.of(pick.repeat(self.copies).to(w.device), w.shape[1])
+            keep = torch.nn.functional.one_hot(self.routes.pick, w.shape[1]).bool()
             w, self.committed = keep.to(torch.float64), True
         self.active = keep
         return w, keep
@@ -163,7 +189,8 @@ class Mixture:
         check_sampler(self.router, step.stochastic)
         self.trace.append(self.last_weights[:self.samples].cpu())
         if self.committed:  # each sample runs one model from here on: its weights stay one-hot
-            self.state = torch.where(self.active, self.state, -torch.inf) if self.spec.stateful else self.state
+            if self.spec.stateful and not self._dropped:  # its other densities are dropped, once
+                self.state, self._dropped = torch.where(self.active, self.state, -torch.inf), True
             return
         x, eps = self._last
         x_prev = step.x_prev.repeat(self.copies, *([1] * (step.x_prev.dim() - 1)))  # every copy moved alike

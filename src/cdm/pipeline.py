@@ -233,8 +233,11 @@ class CDMPipeline:
             if self.router is None:
                 den = self.denoisers[0] if batcher is None else batched(batcher, self.denoisers[0])
             else:
-                prior = (_log_prior(self.hist, self.names, None, b) if lids is None else
-                         torch.cat([_log_prior(self.hist, self.names, c, 1) for c in lids[start:start + b]]))
+                if lids is None:
+                    prior = _log_prior(self.hist, self.names, None, b)
+                else:
+                    each = {c: _log_prior(self.hist, self.names, c, 1) for c in set(lids[start:start + b])}
+                    prior = torch.cat([each[c] for c in lids[start:start + b]])
                 if cfg:
                     prior = torch.cat([prior, _log_prior(self.hist, self.names, None, b)])
                 joint = self.joint if batcher is None else batched_joint(batcher, self.denoisers, self.group)
