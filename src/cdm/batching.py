@@ -275,6 +275,7 @@ class Batcher:
             if c.done == len(c.x):
                 done.append((c, c.parts[0] if len(c.parts) == 1 else torch.cat(c.parts)))
 
+
 def batched_joint(batcher: Batcher, denoisers: list[Denoiser], group=None):
     """A mixture's `joint` (cdm.mixture.Joint) that sends its calls through `batcher`: every
     compartment's rows of one step go in one round; with `group` (a cdm.grouped.Group of the

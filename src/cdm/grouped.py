@@ -157,8 +157,8 @@ class _Attention(nn.Module):
         q, k, v = (f(h).view(b, -1, c // self.head_dim, self.head_dim).transpose(1, 2)
                    for f in (self.to_q, self.to_k, self.to_v))
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
-        h = self.to_out(h).transpose(1, 2).reshape(b, c, height, width).contiguous()  # channels first, as x: the
-        return (h + x if self.residual else h) / self.rescale  # convolutions after it then need no weight reorders
+        h = self.to_out(h).transpose(1, 2).reshape(b, c, height, width).contiguous()  # channels first, as x (else
+        return (h + x if self.residual else h) / self.rescale  # every later convolution converts its weights)
 
 
 class _Down(nn.Module):
