@@ -60,7 +60,7 @@ def options() -> argparse.Namespace:
     ap.add_argument("--chunk", type=int, default=16, help="rows of every batched model call (cdm serve --chunk)")
     ap.add_argument("--group-chunk", type=int, default=8, help="rows per slot of a grouped call (cdm serve "
                                                                 "--group-chunk)")
-    ap.add_argument("--group-slots", type=int, default=None, help="slots of a grouped call (cdm serve --group-slots; "
+    ap.add_argument("--group-slots", type=int, default=None, help="slots of a grouped call (Batcher(group_slots=); "
                                                                   "default one per model)")
     ap.add_argument("--paragon-chunks", default="32,64", help="throughput of the paragon served with these chunks "
                                                                "too (its best setting for throughput)")
@@ -107,7 +107,11 @@ def served(args) -> dict:
     """Latency and throughput on the served path; run in a fresh process (see the top)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # before anything computes here: loading must not leave a team on this thread
-    now = {"batcher": Batcher(args.chunk, args.group_chunk, threads=threads, group_slots=args.group_slots)}  # one at a time: one compute team
+
+    def batcher(chunk: int) -> Batcher:  # one at a time: one compute team
+        return Batcher(chunk, args.group_chunk, threads=threads, group_slots=args.group_slots)
+
+    now = {"batcher": batcher(args.chunk)}
     pipes, labels = pipelines(args)
     worker = ThreadPoolExecutor(1, initializer=sampler_thread)  # as cdm serve's workers
 
@@ -141,7 +145,7 @@ def served(args) -> dict:
     shared = now["batcher"].shared - shared
     for chunk in (int(c) for c in args.paragon_chunks.split(",") if c):
         now["batcher"].close()
-        now["batcher"] = Batcher(chunk, args.group_chunk, threads=threads, group_slots=args.group_slots)
+        now["batcher"] = batcher(chunk)
         thr.append(load("paragon"))
     now["batcher"].close()
     worker.shutdown()

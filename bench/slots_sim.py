@@ -46,7 +46,7 @@ def simulate(slots: int, per_slot: int, flexible: bool, clients: int, n: int, k:
     finished = used = 0
     for _ in range(rounds):
         waiting = [sum(d.get(m, 0) for d in need) for m in range(k)]
-        room = [n * per_slot for n in slot_counts(waiting, per_slot, slots)] if flexible else [per_slot] * k
+        room = [c * per_slot for c in slot_counts(waiting, per_slot, slots)] if flexible else [per_slot] * k
         for i in sorted(range(clients), key=lambda i: reqs[i]["age"]):
             for m in need[i]:
                 take = min(room[m], need[i][m])

@@ -281,16 +281,18 @@ def batched_joint(batcher: Batcher, denoisers: list[Denoiser], group=None):
     compartment's rows of one step go in one round; with `group` (a cdm.grouped.Group of the
     denoisers' models, in order), in the group's wide calls."""
 
+    def slot(k: int) -> tuple:  # where model k's calls run: the group's wide calls, or its own
+        return () if group is None else ((group, k),)
+
     def run(x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
         calls, cols = [], []
         for k in range(len(denoisers)) if keep is None else keep.any(0).nonzero().flatten().tolist():
-            slot = () if group is None else ((group, k),)
             if keep is None:
-                calls.append((denoisers[k], x, t, cond, *slot))
+                calls.append((denoisers[k], x, t, cond, *slot(k)))
                 cols.append((k, slice(None)))
                 continue
             rows = keep[:, k].nonzero().flatten()
-            calls.append((denoisers[k], x[rows], t[rows], cond_rows(cond, rows), *slot))
+            calls.append((denoisers[k], x[rows], t[rows], cond_rows(cond, rows), *slot(k)))
             cols.append((k, rows))
         out = x.new_zeros((x.shape[0], len(denoisers), *x.shape[1:]))
         for (k, rows), eps in zip(cols, batcher.run(calls)):
@@ -304,8 +306,7 @@ def batched_joint(batcher: Batcher, denoisers: list[Denoiser], group=None):
         for k, n in enumerate(routes.counts):
             if n:
                 rows = slice(at, at + n)
-                calls.append((denoisers[k], xs[rows], ts[rows], cond_rows(cs, rows),
-                              *(() if group is None else ((group, k),))))
+                calls.append((denoisers[k], xs[rows], ts[rows], cond_rows(cs, rows), *slot(k)))
                 at += n
         return torch.cat(batcher.run(calls))[routes.back]
 
