@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from common import console, emit
 
-from cdm import api
-from cdm.store import Store
+from cdm.app import api
+from cdm.store.registry import Store
 
 
 def main() -> None:

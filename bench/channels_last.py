@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdm import api, loading
-from cdm.store import Store
+from cdm.app import api
+
+from cdm.sampling import loading
+from cdm.store.registry import Store
 
 
 def main() -> None:

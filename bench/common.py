@@ -8,10 +8,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cdm import api
-from cdm.data import load_builtin
-from cdm.store import Store, StoreError
-from cdm.train import RouterConfig, TrainConfig
+from cdm.app import api
+from cdm.store.data import load_builtin
+from cdm.store.registry import Store, StoreError
+from cdm.training.loop import RouterConfig, TrainConfig
 
 console = Console(stderr=True)
 
@@ -29,7 +29,7 @@ def digits_store(path: Path, split: str, train: TrainConfig, router: RouterConfi
 
 def train(store: Store, **kw) -> list:
     """api.train with a rich progress bar; resumes whatever a previous run left."""
-    from cdm.progress import training_progress
+    from cdm.app.progress import training_progress
 
     prog, cb = training_progress(console)
     with prog:
@@ -42,8 +42,8 @@ def owner_judge(train_items: dict, steps: int):
     import numpy as np
     import torch
 
-    from cdm.evaluate import ExtractorConfig, _fit
-    from cdm.models import FeatureNet
+    from cdm.evaluation.evaluate import ExtractorConfig, _fit
+    from cdm.models.nets import FeatureNet
 
     names = list(train_items)
     x = torch.from_numpy(np.stack([it.pixels for v in names for it in train_items[v]]).astype(np.float32)

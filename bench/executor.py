@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from common import console, digits_store, emit
 
-from cdm import api
-from cdm.executor import LocalExecutor, RayExecutor
-from cdm.train import RouterConfig, TrainConfig
+from cdm.app import api
+from cdm.training.executor import LocalExecutor, RayExecutor
+from cdm.training.loop import RouterConfig, TrainConfig
 
 
 def main() -> None:

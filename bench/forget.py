@@ -20,11 +20,11 @@ from pathlib import Path
 
 from common import console, digits_store, train
 
-from cdm import api
-from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
-from cdm.forget import forget
-from cdm.store import PARAGON, Store
-from cdm.train import RouterConfig, TrainConfig
+from cdm.app import api
+from cdm.evaluation.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
+from cdm.training.forget import forget
+from cdm.store.registry import PARAGON, Store
+from cdm.training.loop import RouterConfig, TrainConfig
 
 
 def timed_job(store: Store, name: str) -> float:

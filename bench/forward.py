@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from cdm.models import build_unet, unet_config
+from cdm.models.nets import build_unet, unet_config
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ import time
 import torch
 from common import emit
 
-from cdm.grouped import Group
-from cdm.models import build_unet, unet_config
+from cdm.models.grouped import Group
+from cdm.models.nets import build_unet, unet_config
 
 
 def median_ms(fn, repeats: int) -> float:

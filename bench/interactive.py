@@ -19,7 +19,7 @@ one call of --big images on the plain path.
 The served path runs in a process of its own laid out like `cdm serve`'s: requests on
 one-core sampler threads, model calls on the batcher's thread, the only one computing on
 several cores (an idle team of compute threads on another thread, such as this process's
-main thread after the plain path, slows it 2x: cdm.batching.sampler_thread).
+main thread after the plain path, slows it 2x: cdm.sampling.batching.sampler_thread).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from common import console, digits_store, emit, median_time, run_clients, train
 
-from cdm.batching import Batcher, sampler_thread
-from cdm.pipeline import CDMPipeline, SamplingSettings
-from cdm.train import RouterConfig, TrainConfig
+from cdm.sampling.batching import Batcher, sampler_thread
+from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.training.loop import RouterConfig, TrainConfig
 
 # name: (sparse settings, None for the paragon; grouped calls, cdm.grouped)
 CONFIGS = {"paragon": (None, False), "dense": ({}, False), "commit0": ({"commit": 0.0}, False),

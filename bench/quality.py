@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from common import console, digits_store, emit, train
 
-from cdm.routers import ROUTER_SPECS
-from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
-from cdm.store import PARAGON
-from cdm.train import RouterConfig, TrainConfig
+from cdm.sampling.routers import ROUTER_SPECS
+from cdm.evaluation.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
+from cdm.store.registry import PARAGON
+from cdm.training.loop import RouterConfig, TrainConfig
 
 ROUTERS = list(ROUTER_SPECS)  # ito, classifier, uniform
 
@@ -110,9 +110,9 @@ def main() -> None:
 def adapters_variant(args) -> None:
     import hashlib
 
-    from cdm import api
-    from cdm.data import load_builtin
-    from cdm.store import Store, StoreError
+    from cdm.app import api
+    from cdm.store.data import load_builtin
+    from cdm.store.registry import Store, StoreError
 
     q = args.quick
     k = int(args.ks or (2 if q else 8))

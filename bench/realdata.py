@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 from common import console, emit, owner_judge, train
 
-from cdm import api
-from cdm.data import Item, load_builtin
-from cdm.demo import top_share
-from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, frechet_distance
-from cdm.folders import load_folder
-from cdm.ingest import resize_items
-from cdm.pipeline import CDMPipeline, SamplingSettings
-from cdm.report import grid, to_pil
-from cdm.store import PARAGON, Store, StoreError
-from cdm.train import RouterConfig, TrainConfig
+from cdm.app import api
+from cdm.store.data import Item, load_builtin
+from cdm.app.demo import top_share
+from cdm.evaluation.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, frechet_distance
+from cdm.ingest.folders import load_folder
+from cdm.ingest.ingest import resize_items
+from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.app.report import grid, to_pil
+from cdm.store.registry import PARAGON, Store, StoreError
+from cdm.training.loop import RouterConfig, TrainConfig
 
 
 @dataclass(frozen=True)

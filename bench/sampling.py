@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from common import console, digits_store, train
 
-from cdm.evaluate import ExtractorConfig, Features, frechet_distance, reference_items
-from cdm.pipeline import CDMPipeline, SamplingSettings
-from cdm.routers import ROUTER_SPECS
-from cdm.train import RouterConfig, TrainConfig
+from cdm.evaluation.evaluate import ExtractorConfig, Features, frechet_distance, reference_items
+from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.sampling.routers import ROUTER_SPECS
+from cdm.training.loop import RouterConfig, TrainConfig
 
 ROUTERS = list(ROUTER_SPECS)  # ito, classifier, uniform
 
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="default 5; quick 2")
     ap.add_argument("--routers", default=",".join(ROUTERS))
     ap.add_argument("--sparse", default="", help="comma-separated settings to time beside dense, "
-                                                 "e.g. prune=5,commit=0.5 (see cdm.mixture.Mixture); "
+                                                 "e.g. prune=5,commit=0.5 (see cdm.sampling.mixture.Mixture); "
                                                  "grouped=1: one grouped model call per step (cdm.grouped)")
     ap.add_argument("--fid", type=int, default=0, help="also measure FID with this many samples per configuration")
     ap.add_argument("--fid-batch", type=int, default=500, help="images per call when sampling for FID (grouped "

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cdm.data import load_builtin
-from cdm.policy import new_key
-from cdm.store import Store
+from cdm.store.data import load_builtin
+from cdm.sampling.policy import new_key
+from cdm.store.registry import Store
 
 VOLATILE = ("seconds", "time", "actor", "created", "trained", "added", "per_s")  # vary run to run
 
@@ -51,7 +51,7 @@ class Scenario:
 
     def cdm(self, *args) -> str:
         t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "cdm.cli", *map(str, args)], cwd=self.work, env=self.env,
+        r = subprocess.run([sys.executable, "-m", "cdm", *map(str, args)], cwd=self.work, env=self.env,
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"cdm {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr[-3000:]}")

@@ -29,9 +29,9 @@ import httpx
 
 from common import console, digits_store, run_clients, train
 
-from cdm.policy import new_key
-from cdm.store import Store
-from cdm.train import RouterConfig, TrainConfig
+from cdm.sampling.policy import new_key
+from cdm.store.registry import Store
+from cdm.training.loop import RouterConfig, TrainConfig
 
 
 def free_port() -> int:
@@ -82,7 +82,7 @@ def main() -> None:
     (tmp / "policy.toml").write_text(f'[users.load]\ncompartments = {json.dumps(comps)}\nkeys = ["{digest}"]\n'
                                      f'[users.polite]\ncompartments = {json.dumps(comps)}\nkeys = ["{digest2}"]\n')
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", "from cdm.cli import app; app()", "serve", str(store),
+    server = subprocess.Popen([sys.executable, "-c", "from cdm.app.cli import app; app()", "serve", str(store),
                                "--policy", str(tmp / "policy.toml"), "--port", str(port), "--workers",
                                str(args.workers), "--queue", str(args.queue), "--max-steps", str(args.steps),
                                *(["--per-key", str(args.per_key)] if args.per_key else []),

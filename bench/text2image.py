@@ -40,14 +40,14 @@ from pathlib import Path
 import numpy as np
 from common import console, emit, owner_judge, train
 
-from cdm import api
-from cdm.alignment import AlignConfig, AlignScorer, align_model
-from cdm.data import Item
-from cdm.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features
-from cdm.folders import load_folder
-from cdm.report import grid, to_pil
-from cdm.store import PARAGON, Store, StoreError
-from cdm.train import RouterConfig, TrainConfig
+from cdm.app import api
+from cdm.evaluation.alignment import AlignConfig, AlignScorer, align_model
+from cdm.store.data import Item
+from cdm.evaluation.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features
+from cdm.ingest.folders import load_folder
+from cdm.app.report import grid, to_pil
+from cdm.store.registry import PARAGON, Store, StoreError
+from cdm.training.loop import RouterConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,8 @@ def kinds(sizes: Sizes, repeats: int = 5, steps: int = 10) -> None:
     the store's preset, text width 64), interleaved and repeated: medians and ratios to full."""
     import torch
 
-    from cdm.adapters import AdapterConfig, PromptModel, attach
-    from cdm.models import build_unet, text_unet_config
+    from cdm.models.adapters import AdapterConfig, PromptModel, attach
+    from cdm.models.nets import build_unet, text_unet_config
 
     conf = text_unet_config(sizes.preset, sizes.size, 3, 64)
     models = {"full": build_unet(conf, 0), "lora": attach(build_unet(conf, 0), AdapterConfig(public=("p",)).recipe(), 1),
@@ -145,8 +145,8 @@ def kinds(sizes: Sizes, repeats: int = 5, steps: int = 10) -> None:
 def digits(work: Path, steps: int, samples: int = 200) -> None:
     """Do prompts steer the models? The builtin digits captioned `a handwritten <name>`, iid:2
     and the paragon; the feature net's conditional accuracy on prompted samples (chance 0.1)."""
-    from cdm.data import load_builtin
-    from cdm.pipeline import CDMPipeline, SamplingSettings
+    from cdm.store.data import load_builtin
+    from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
 
     words = "zero one two three four five six seven eight nine".split()
     try:

@@ -20,7 +20,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdm.models import PRESETS, build_unet, unet_config
+from cdm.models.nets import PRESETS, build_unet, unet_config
 
 
 def sync(device: str) -> None:

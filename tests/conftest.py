@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdm import api
-from cdm.data import Item, load_builtin
-from cdm.train import RouterConfig, TrainConfig
+from cdm.app import api
+from cdm.store.data import Item, load_builtin
+from cdm.training.loop import RouterConfig, TrainConfig
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

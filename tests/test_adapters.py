@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from cdm import api
-from cdm.forget import forget
-from cdm.mixture import Mixture
-from cdm.models import build_unet, unet_config
-from cdm.routers import ItoRouter
-from cdm.store import StoreError
+from cdm.app import api
+from cdm.training.forget import forget
+from cdm.sampling.mixture import Mixture
+from cdm.models.nets import build_unet, unet_config
+from cdm.sampling.routers import ItoRouter
+from cdm.store.registry import StoreError
 
 from .conftest import digests, make_store
 
@@ -142,7 +142,7 @@ def test_imported_base_and_bad_settings(tmp_path, digits):
 def test_cli_adapters(tmp_path, digits):
     from typer.testing import CliRunner
 
-    from cdm.cli import app
+    from cdm.app.cli import app
 
     s = adapter_store(tmp_path / "s", digits[:60])
     api.set_adapters(s, off=True)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdm import api
-from cdm.alignment import AlignConfig, AlignScorer, ClipScorer, fit_align, words
-from cdm.data import Item
-from cdm.evaluate import EvalConfig, EvalReport, Evaluator, reference_items
-from cdm.store import StoreError
-from cdm.text import build_default
-from cdm.train import RouterConfig, TrainConfig
+from cdm.app import api
+from cdm.evaluation.alignment import AlignConfig, AlignScorer, ClipScorer, fit_align, words
+from cdm.store.data import Item
+from cdm.evaluation.evaluate import EvalConfig, EvalReport, Evaluator, reference_items
+from cdm.store.registry import StoreError
+from cdm.models.text import build_default
+from cdm.training.loop import RouterConfig, TrainConfig
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (220, 220, 30)}
 SHAPES = ("square", "stripe")

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from cdm import api
-from cdm.batching import Batcher, batched_joint, chunked, model_key, sampler_thread
-from cdm.denoisers import unet_denoiser
-from cdm.grouped import Group
-from cdm.mixture import Routes
-from cdm.models import build_unet, unet_config
-from cdm.pipeline import CDMPipeline, SamplingSettings
+from cdm.app import api
+from cdm.sampling.batching import Batcher, batched_joint, chunked, model_key, sampler_thread
+from cdm.models.denoisers import unet_denoiser
+from cdm.models.grouped import Group
+from cdm.sampling.mixture import Routes
+from cdm.models.nets import build_unet, unet_config
+from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
 
 from .conftest import make_store
 

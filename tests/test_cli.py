@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdm.cli import app
+from cdm.app.cli import app
 
 runner = CliRunner()
 

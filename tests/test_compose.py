@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from cdm.denoisers import guided
-from cdm.mixture import Mixture
-from cdm.models import RouterNet
-from cdm.routers import ClassifierRouter, ItoRouter, UniformRouter
-from cdm.sampler import make_scheduler, sample
-from cdm.train import RouterConfig, TrainConfig, TrainJob, train_job
+from cdm.models.denoisers import guided
+from cdm.sampling.mixture import Mixture
+from cdm.models.nets import RouterNet
+from cdm.sampling.routers import ClassifierRouter, ItoRouter, UniformRouter
+from cdm.sampling.sampler import make_scheduler, sample
+from cdm.training.loop import RouterConfig, TrainConfig, TrainJob, train_job
 
 SCHED = TrainConfig().scheduler().config
 MEANS = [torch.full((1, 4, 4), v) for v in (-0.6, 0.2, 0.7)]

@@ -21,16 +21,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cdm import api
-from cdm.folders import load_folder
-from cdm.store import Store, StoreError
-from cdm.train import TrainConfig
+from cdm.app import api
+from cdm.ingest.folders import load_folder
+from cdm.store.registry import Store, StoreError
+from cdm.training.loop import TrainConfig
 
 from .conftest import TINY_ROUTER, digests
 
 # long enough stages that a kill observed from outside lands mid-training
 CRASH = TrainConfig(preset="tiny", steps=60, batch_size=16, warmup=5, checkpoint_every=4)
-CLI = [sys.executable, "-c", "from cdm.cli import app; app()"]
+CLI = [sys.executable, "-c", "from cdm.app.cli import app; app()"]
 
 
 def run_cdm(args: list[str], crashpoint: str = "", kill_when=None, timeout: float = 180) -> int:
@@ -163,7 +163,7 @@ def test_second_writer_is_refused_with_the_holder_named(tmp_path, digits):
 def test_text_and_base_imports_killed_are_old_or_new_and_resume(tmp_path, digits, command, point):
     """`cdm text`, `cdm adapters --base-from UNET_DIR` and `--base-from SD_DIR` (cdm.sd): the
     settings and the files they need are all live or none is."""
-    from cdm.models import build_unet, unet_config
+    from cdm.models.nets import build_unet, unet_config
 
     from .test_sd import SD_TRAIN, squares, tiny_sd_folder
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdm import api
-from cdm.data import DataError, Item, SplitRule, item_hash, load_builtin
-from cdm.store import Store, StoreError
+from cdm.app import api
+from cdm.store.data import DataError, Item, SplitRule, item_hash, load_builtin
+from cdm.store.registry import Store, StoreError
 
 from .conftest import make_store
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from cdm import api
-from cdm.data import load_builtin
-from cdm.evaluate import (EvalConfig, Evaluator, ExtractorConfig, Features, evaluate_store, frechet_distance,
+from cdm.app import api
+from cdm.store.data import load_builtin
+from cdm.evaluation.evaluate import (EvalConfig, Evaluator, ExtractorConfig, Features, evaluate_store, frechet_distance,
                           memorization)
-from cdm.forget import forget
-from cdm.store import StoreError
+from cdm.training.forget import forget
+from cdm.store.registry import StoreError
 
 from .conftest import make_store
 

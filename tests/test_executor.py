@@ -12,9 +12,9 @@ import tempfile
 import pytest
 import torch
 
-from cdm import api
-from cdm.executor import LocalExecutor, RayExecutor, make_executor
-from cdm.forget import forget
+from cdm.app import api
+from cdm.training.executor import LocalExecutor, RayExecutor, make_executor
+from cdm.training.forget import forget
 
 from .conftest import digests, make_store
 
@@ -90,7 +90,7 @@ def test_cli_ray_starts_and_stops_its_own_instance(tmp_path, digits):
     api.train(a, executor=LocalExecutor(threads=1))
     short = tempfile.mkdtemp(prefix="t", dir="/tmp")  # Ray's socket paths must stay short
     env = dict(os.environ, TMPDIR=short)
-    r = subprocess.run([sys.executable, "-m", "cdm.cli", "train", str(b.root), "--executor", "ray", "--threads", "1",
+    r = subprocess.run([sys.executable, "-m", "cdm.app.cli", "train", str(b.root), "--executor", "ray", "--threads", "1",
                         "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert {x["name"] for x in json.loads(r.stdout)} == {"digits-0", "digits-1", "router"}

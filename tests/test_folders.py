@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdm import api
-from cdm.cli import app as cli_app
-from cdm.data import FASHION_MNIST_LABELS, DataError, load_builtin
-from cdm.evaluate import EvalConfig, ExtractorConfig, evaluate_store
-from cdm.folders import file_item_id, load_folder
-from cdm.store import Store
+from cdm.app import api
+from cdm.app.cli import app as cli_app
+from cdm.store.data import FASHION_MNIST_LABELS, DataError, load_builtin
+from cdm.evaluation.evaluate import EvalConfig, ExtractorConfig, evaluate_store
+from cdm.ingest.folders import file_item_id, load_folder
+from cdm.store.registry import Store
 
 from .conftest import TINY, TINY_ROUTER
 

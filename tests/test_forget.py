@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from cdm import api
-from cdm.data import load_builtin
-from cdm.forget import forget
-from cdm.store import StoreError
+from cdm.app import api
+from cdm.store.data import load_builtin
+from cdm.training.forget import forget
+from cdm.store.registry import StoreError
 
 from .conftest import digests, make_store
 
@@ -88,7 +88,7 @@ def test_continual_addition_trains_only_the_new_compartment(tmp_path, digits):
 
 
 def test_policy_composes_exactly_the_users_set(tmp_path, digits):
-    from cdm.policy import Policy, set_store_policy, store_policy
+    from cdm.sampling.policy import Policy, set_store_policy, store_policy
 
     s = make_store(tmp_path / "s", digits[:60], "iid:2")
     api.ingest(s, "museum", load_builtin("digits", "test")[:30], "one")

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from cdm import api
-from cdm.grouped import Group, grouped_joint, slot_rows
-from cdm.models import build_unet, text_unet_config, unet_config
-from cdm.pipeline import CDMPipeline, SamplingSettings
-from cdm.store import StoreError
+from cdm.app import api
+from cdm.models.grouped import Group, grouped_joint, slot_rows
+from cdm.models.nets import build_unet, text_unet_config, unet_config
+from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.store.registry import StoreError
 
 from .conftest import make_store
 
@@ -118,7 +118,7 @@ def test_grouped_sampling_equals_the_default_within_rounding(tmp_path, digits):
 def test_forgetting_drops_the_group_from_memory(tmp_path, digits, monkeypatch):
     """A group holds copies of its models' weights: forgetting drops it with the models
     (`loading.forget_unused_models`), and the next grouped pipeline builds a new one."""
-    from cdm import loading
+    from cdm.sampling import loading
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "group").mkdir()  # a cache key is not a path, whatever the working directory holds

@@ -21,15 +21,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdm import api
+from cdm.app import api
 from cdm import data as cdm_data
-from cdm.cli import app as cli_app
-from cdm.data import DataError, Item, load_builtin
-from cdm.folders import load_folder
-from cdm.forget import forget
-from cdm.policy import Policy, new_key
-from cdm.serve import Deadline, Scheduler, ServeConfig, create_app
-from cdm.store import Store, StoreError
+from cdm.app.cli import app as cli_app
+from cdm.store.data import DataError, Item, load_builtin
+from cdm.ingest.folders import load_folder
+from cdm.training.forget import forget
+from cdm.sampling.policy import Policy, new_key
+from cdm.serving.routes import Deadline, Scheduler, ServeConfig, create_app
+from cdm.store.registry import Store, StoreError
 
 from .conftest import make_store
 from .test_serve import Server
@@ -375,7 +375,7 @@ def test_store_files_are_owner_only(tmp_path, digits):
         api.train(s, paragon=True)
         forget(s, [s.items("digits-0")[0].hash])
         api.sample(s, 2, "1", steps=2)
-        from cdm.evaluate import ExtractorConfig, feature_extractor
+        from cdm.evaluation.evaluate import ExtractorConfig, feature_extractor
 
         feature_extractor(s, ExtractorConfig(steps=2))
         assert os.umask(0o022) == 0o022  # the library did not leave the process's umask changed
@@ -427,9 +427,9 @@ def test_a_policy_may_forbid_the_classifier_router(served, tmp_path):
 
 
 def test_router_names_and_needs_come_from_one_registry(served):
-    from cdm.mixture import Mixture
-    from cdm.routers import ROUTER_SPECS, ROUTERS, ItoRouter
-    from cdm.sampler import make_scheduler, sample
+    from cdm.sampling.mixture import Mixture
+    from cdm.sampling.routers import ROUTER_SPECS, ROUTERS, ItoRouter
+    from cdm.sampling.sampler import make_scheduler, sample
 
     assert set(ROUTERS) == set(ROUTER_SPECS) == {"ito", "classifier", "uniform"}
     assert [n for n, s in ROUTER_SPECS.items() if s.stochastic] == ["ito"]

@@ -7,13 +7,13 @@ import shutil
 import numpy as np
 import pytest
 
-from cdm import api
-from cdm.data import load_builtin
+from cdm.app import api
+from cdm.store.data import load_builtin
 from cdm.errors import Forbidden
-from cdm.pipeline import CDMPipeline, PipelineCache, SamplingSettings
-from cdm.plan import plan, saw
-from cdm.policy import Policy
-from cdm.store import StoreError
+from cdm.sampling.pipeline import CDMPipeline, PipelineCache, SamplingSettings
+from cdm.training.kinds import plan, saw
+from cdm.sampling.policy import Policy
+from cdm.store.registry import StoreError
 
 from .conftest import make_store
 

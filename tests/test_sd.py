@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from cdm import api
-from cdm.data import Item
-from cdm.forget import forget
-from cdm.store import StoreError
-from cdm.text import build_default
-from cdm.train import RouterConfig, TrainConfig
+from cdm.app import api
+from cdm.store.data import Item
+from cdm.training.forget import forget
+from cdm.store.registry import StoreError
+from cdm.models.text import build_default
+from cdm.training.loop import RouterConfig, TrainConfig
 
 from .conftest import digests
 
@@ -165,7 +165,7 @@ def test_sd_folder_with_prompt_compartments(tmp_path, sd):
 
 
 def test_an_items_latent_does_not_depend_on_its_company(sd):
-    from cdm.latent import Latents, check_vae
+    from cdm.models.latent import Latents, check_vae
 
     vae = Latents(sd / "vae", check_vae(sd / "vae"))
     x = torch.rand(19, 3, 16, 16) * 2 - 1

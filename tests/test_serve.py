@@ -17,11 +17,11 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from cdm import api
-from cdm.data import load_builtin
-from cdm.policy import Policy, new_key
-from cdm.serve import ServeConfig, create_app
-from cdm.store import Store
+from cdm.app import api
+from cdm.store.data import load_builtin
+from cdm.sampling.policy import Policy, new_key
+from cdm.serving.routes import ServeConfig, create_app
+from cdm.store.registry import Store
 
 from .conftest import make_store
 

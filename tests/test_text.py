@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cdm import api
-from cdm.data import DataError
-from cdm.forget import forget
-from cdm.pipeline import CDMPipeline, SamplingSettings
-from cdm.store import StoreError
-from cdm.text import Prompts, TextEncoder, build_default, check_folder
+from cdm.app import api
+from cdm.store.data import DataError
+from cdm.training.forget import forget
+from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.store.registry import StoreError
+from cdm.models.text import Prompts, TextEncoder, build_default, check_folder
 
 from .conftest import digests, make_store
 
@@ -232,8 +232,8 @@ def test_cli_text_and_prompts(tmp_path, owners):
 def test_served_prompts_stay_inside_the_policy(tmp_path, owners):
     import httpx
 
-    from cdm.policy import Policy, new_key
-    from cdm.serve import ServeConfig, create_app
+    from cdm.sampling.policy import Policy, new_key
+    from cdm.serving.routes import ServeConfig, create_app
 
     from .test_serve import Server, pngs
 

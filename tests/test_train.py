@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from cdm import api
-from cdm.data import SplitRule, assign_slice
-from cdm.store import StoreError
+from cdm.app import api
+from cdm.store.data import SplitRule, assign_slice
+from cdm.store.registry import StoreError
 
 from .conftest import digests, make_store, noise_item
 

@@ -1,0 +1,344 @@
+"""The pipeline: load a composition of compartments once, sample from it many times.
+
+    pipe = CDMPipeline.from_store(store, allow=["a", "b"], router="ito")
+    out = pipe(8, "3", SamplingSettings(steps=50, guidance=2.0, seed=0))
+    out.images, out.attribution
+
+`from_store` does everything that depends on the store, once, inside one registry
+snapshot: the access policy, checks that every model is trained and up to date, and model
+loading (only the composed compartments' files are opened; docs/architecture.md,
+invariant 4). A call then only samples: a mixture of the loaded denoisers, wrapped in
+classifier-free guidance, run by the flat sampler (cdm.sampler). `SamplingSettings` is the
+one list of sampling options; the CLI, the HTTP service, evaluation, the demo and the
+benches all pass one.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .batching import Batcher, batched, batched_joint
+from ..store.data import to_uint8_images
+from ..models.denoisers import ClassLabels, guided, unet_denoiser
+from ..models.grouped import Group, grouped_joint
+from .loading import (load_bank, load_classifier, load_group, load_text, load_unet, load_vae, register_holder,
+                      scheduler_config)
+from .mixture import Mixture
+from ..training.kinds import model_state
+from .policy import Policy, store_policy
+from ..store.recipes import adapter_config, model_shape, null_label, text_config
+from .routers import DEFAULT_ROUTER, ROUTERS, check_sampler, spec
+from .sampler import SAMPLERS, make_scheduler, sample
+from ..store.registry import BASE, PARAGON, ROUTER, NotReady, Store, StoreError
+from ..models.text import Prompts
+
+ADAPTER_MODES = ("merged", "loop", "joint")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample: every option of a call, in one place (the composition is the pipeline's).
+
+    `prune` (margin in nats), `commit` (fraction of the trajectory) and `subset` (compartments
+    per sample) make the composition sparse (cdm.mixture.Mixture); with all None every
+    compartment is evaluated. `batch_size` bounds the samples run at once (memory only: the
+    images do not depend on it)."""
+
+    steps: int = field(default=50, metadata={"help": "Sampling steps."})
+    guidance: float = field(default=2.0, metadata={"help": "Classifier-free guidance scale (1 = none)."})
+    sampler: str = field(default="ddpm", metadata={"help": "ddpm (ancestral) or ddim (deterministic)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the noise and of sparse routing's draws."})
+    prune: float | None = field(default=None, metadata={
+        "help": "Sparse routing: skip compartments this many nats below the leader (default: evaluate all)."})
+    commit: float | None = field(default=None, metadata={
+        "help": "Sparse routing: after this fraction of the steps, each sample continues with one compartment "
+                "drawn from its weights."})
+    subset: int | None = field(default=None, metadata={
+        "help": "Sparse routing: each sample composes this many compartments, drawn by their priors."})
+    batch_size: int = field(default=256, metadata={"help": "Most samples run at once (memory only).", "cli": False})
+
+    def check(self) -> None:
+        if self.guidance < 0 or not math.isfinite(self.guidance):
+            raise StoreError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if self.prune is not None and not self.prune >= 0:
+            raise StoreError(f"prune must be a margin >= 0 in nats, got {self.prune}")
+        if self.commit is not None and not 0 <= self.commit <= 1:
+            raise StoreError(f"commit must be a fraction of the trajectory in [0, 1], got {self.commit}")
+        if self.subset is not None and not (isinstance(self.subset, int) and self.subset >= 1):
+            raise StoreError(f"subset must be a number of compartments >= 1, got {self.subset!r}")
+        if self.sampler not in SAMPLERS:
+            raise StoreError(f"unknown sampler {self.sampler!r}; available: {', '.join(SAMPLERS)}")
+        if self.batch_size < 1:
+            raise StoreError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: list[str | None]
+    compartments: list[str]  # composed compartments, in weight-column order
+    attribution: np.ndarray | None  # (N, K) trajectory-averaged router weights
+    final: np.ndarray | None  # (N, K) weights at the end of sampling
+    trace: np.ndarray | None  # (steps, N, K) weights at every step
+    router: str | None
+    evaluations: int = 0  # model evaluations (rows x models x steps, CFG rows included)
+    prompts: list[str] | None = None  # text-conditioned stores: each sample's prompt
+
+    def records(self, files: list[str] | None = None) -> list[dict]:
+        out = []
+        for i, lab in enumerate(self.labels):
+            r = {"index": i, "label": lab} if self.prompts is None else {"index": i, "prompt": self.prompts[i]}
+            if files:
+                r["file"] = files[i]
+            if self.attribution is not None:
+                r["attribution"] = {c: round(float(w), 6) for c, w in zip(self.compartments, self.attribution[i])}
+                r["final"] = {c: round(float(w), 6) for c, w in zip(self.compartments, self.final[i])}
+            out.append(r)
+        return out
+
+
+class CDMPipeline:
+    """A loaded composition (or the paragon). Call it to sample; it is safe to share across threads."""
+
+    def __init__(self, names: list[str], denoisers: list, router, labels: dict[str, int],
+                 hist: dict, scheduler: dict, cond: ClassLabels | Prompts, shape: tuple[int, int, int],
+                 device: str = "cpu", joint=None, vae=None, group: Group | None = None):
+        self.names, self.denoisers, self.router, self.joint = names, denoisers, router, joint
+        self.group = group  # the models as one cdm.grouped.Group (`grouped`), used by batched calls too
+        self.vae = vae  # latent stores: samples are decoded with the store's VAE (cdm.latent)
+        self.labels, self.hist, self.scheduler, self.cond = labels, hist, scheduler, cond
+        self.shape, self.device = shape, torch.device(device)
+
+    @property
+    def paragon(self) -> bool:
+        return self.router is None
+
+    @property
+    def text(self) -> bool:
+        """Conditioned on prompts (a text store, `cdm text`) rather than class labels."""
+        return isinstance(self.cond, Prompts)
+
+    @classmethod
+    def from_store(cls, store: Store, allow: list[str] | None = None, *, user: str | None = None,
+                   policy: Policy | None = None, router: str = DEFAULT_ROUTER, paragon: bool = False,
+                   adapter_mode: str = "merged", grouped: bool = False, device: str = "cpu") -> "CDMPipeline":
+        """Compose `allow` (default: every compartment, or everything `user` may use under
+        `policy`, default the store's) with `router`; or load the paragon.
+
+        Adapter compartments run `adapter_mode`: "merged" (each adapter folded into a copy of the
+        base; fastest on CPU), "loop" (one base, adapters applied per call; least memory) or
+        "joint" (one base, every adapter's rows in one batched call). `grouped` evaluates all
+        compartments in one vectorised call per step (cdm.grouped; last-bit differences)."""
+        if router not in ROUTERS:
+            raise StoreError(f"unknown router {router!r}; available: {', '.join(ROUTERS)}")
+        if adapter_mode not in ADAPTER_MODES:
+            raise StoreError(f"unknown adapter mode {adapter_mode!r}; available: {', '.join(ADAPTER_MODES)}")
+        if grouped and adapter_mode != "merged":
+            raise StoreError(f"grouped calls need full or merged models, not adapter mode {adapter_mode!r}")
+        if grouped and text_config(store) is not None:
+            raise StoreError("grouped calls need class-conditional models; this store is text-conditioned")
+        with store.snapshot():  # one registry snapshot: old models or new ones, never a mix
+            if user is not None:
+                policy = policy or store_policy(store)
+                if policy is None:
+                    raise StoreError(f"user {user!r} needs --policy FILE or a store policy "
+                                     f"(`cdm policy STORE --set FILE`)")
+                allow = policy.resolve(store, user, router, allow)
+            elif policy is not None:
+                raise StoreError("--policy needs --user")
+            names = [PARAGON] if paragon else cls._composed(store, allow)
+            joint = group = None
+            adapters = not paragon and adapter_config(store) is not None
+            if adapters:
+                state = model_state(store, BASE)
+                if state != "ready":
+                    raise NotReady(f"the base model of the adapter compartments is "
+                                   f"{'not trained' if state == 'missing' else 'out of date'}; run `cdm train`")
+            if adapters and adapter_mode != "merged":
+                bank = load_bank(store, names, device)
+                dens = [bank.denoiser(c) for c in names]
+                joint = bank.joint(names) if adapter_mode == "joint" else None
+            else:
+                unets = [load_unet(store, c, device) for c in names]
+                dens = [unet_denoiser(u) for u in unets]
+                if grouped and len(unets) > 1:
+                    group = load_group(store, names, unets, device)
+                    joint = grouped_joint(group, dens)
+            comp_router = None if paragon else cls._router(store, router, names, device)
+            encoder = load_text(store, device)
+            cond = ClassLabels(null_label(store)) if encoder is None else Prompts(encoder)
+            return cls(names, dens, comp_router, store.labels(), store.label_counts(), scheduler_config(store, names[0]),
+                       cond, model_shape(store), device, joint, load_vae(store, device), group)
+
+    @staticmethod
+    def _composed(store: Store, allow: list[str] | None) -> list[str]:
+        names = store.require_compartments(allow) if allow is not None else sorted(store.compartments())
+        if not names:
+            raise StoreError("nothing to compose: the allowed set of compartments is empty")
+        for c in names:
+            state = model_state(store, c)
+            if state != "ready":
+                raise NotReady(f"compartment {c!r} is {'not trained' if state == 'missing' else 'out of date'}; "
+                               f"run `cdm train`")
+        return names
+
+    @staticmethod
+    def _router(store: Store, name: str, names: list[str], device: str):
+        s = spec(name)
+        if not s.trained:
+            return s.cls()
+        state = model_state(store, ROUTER)
+        if state != "ready":
+            raise NotReady(f"the classifier router is {'not trained' if state == 'missing' else 'stale (the data changed)'}"
+                           f"; run `cdm train`, or use --router ito")
+        return load_classifier(store, names, device)
+
+    def __call__(self, n: int, label: str | list[str] | None = None, settings: SamplingSettings = SamplingSettings(),
+                 callback: Callable[[int, int], None] | None = None, batcher: Batcher | None = None,
+                 prompt: str | list[str] | None = None) -> Generation:
+        """Sample n images. `label` (class-conditional stores) or `prompt` (text-conditioned
+        stores) is one for all, a list with one per sample, or None (unconditional: the null
+        label, or the empty prompt). `callback(step, total)` runs after every step (it may raise
+        to stop). With `batcher` (inside its session), model calls are shared with other
+        requests sampling at the same time (cdm.batching); the images do not depend on the company."""
+        prompts = self._prompts(n, label, prompt)
+        per_sample, lids = self._labels(n, label) if prompts is None else ([None] * n, None)
+        settings.check()
+        if self.router is not None:
+            try:
+                check_sampler(self.router, settings.sampler == "ddpm")
+            except ValueError as e:
+                raise StoreError(str(e)) from None
+        s, dev = settings, self.device
+        gen = torch.Generator().manual_seed(s.seed)
+        noise_all = torch.randn((n, *self.shape), generator=gen)
+        draws = torch.Generator().manual_seed(s.seed + 0x5EED)  # compartment draws of `commit` and `subset`
+        cfg = (lids is not None or bool(prompts)) and s.guidance != 1.0  # conditional and null rows
+        hooks = [] if callback is None else [lambda step: callback(step.i + 1, step.total)]
+        images, att, fin, trace, evals = [], [], [], [], 0
+        for start in range(0, n, s.batch_size):
+            noise = noise_all[start:start + s.batch_size].to(dev)
+            b = noise.shape[0]
+            if prompts:
+                cond = self.cond.encode(prompts[start:start + b], dev)
+            else:
+                cond = self.cond.null(b, dev) if lids is None else self.cond.encode(lids[start:start + b], dev)
+            mix = None
+            if self.router is None:
+                den = self.denoisers[0] if batcher is None else batched(batcher, self.denoisers[0])
+            else:
+                if lids is None:
+                    prior = _log_prior(self.hist, self.names, None, b)
+                else:
+                    each = {c: _log_prior(self.hist, self.names, c, 1) for c in set(lids[start:start + b])}
+                    prior = torch.cat([each[c] for c in lids[start:start + b]])
+                if cfg:
+                    prior = torch.cat([prior, _log_prior(self.hist, self.names, None, b)])
+                joint = self.joint if batcher is None else batched_joint(batcher, self.denoisers, self.group)
+                den = mix = Mixture(self.denoisers, self.router, prior.to(dev), s.prune, s.commit, draws,
+                                    self.scheduler["num_train_timesteps"], joint, s.subset, copies=2 if cfg else 1)
+            if cfg:
+                den = guided(den, s.guidance, self.cond.null(b, dev))
+            with torch.inference_mode():
+                x = sample(den, make_scheduler(self.scheduler, s.sampler), noise, cond, s.steps, gen,
+                           ([mix.on_step] if mix else []) + hooks)
+            if self.vae is not None:
+                x = self.vae.decode(x)
+            images.append(to_uint8_images(x.float().cpu().numpy()))
+            evals += mix.evaluations if mix else b * (2 if cfg else 1) * s.steps
+            if mix is not None:
+                weights = torch.stack(mix.trace)
+                att.append(weights.mean(dim=0).numpy())
+                fin.append(mix.final_weights().cpu().double().numpy())
+                trace.append(weights.numpy())
+        cat = (lambda xs, ax=0: np.concatenate(xs, axis=ax) if xs else None)
+        return Generation(np.concatenate(images), per_sample, self.names, cat(att), cat(fin), cat(trace, 1),
+                          None if self.router is None else self.router.name, evals,
+                          (prompts or [""] * n) if self.text else None)
+
+    def _prompts(self, n: int, label, prompt) -> list[str] | None:
+        """Each sample's prompt (text stores; [] when unconditional), or None (class-conditional)."""
+        if not self.text:
+            if prompt is not None:
+                raise StoreError("this store is class-conditional: give a label, not a prompt "
+                                 "(`cdm text` conditions a captioned store on prompts)")
+            return None
+        if label is not None:
+            raise StoreError("this store is text-conditioned: give a prompt, not a label")
+        if n <= 0:
+            raise StoreError(f"n must be positive, got {n}")
+        if prompt is None:
+            return []
+        per_sample = [prompt] * n if isinstance(prompt, str) else list(prompt)
+        if len(per_sample) != n:
+            raise StoreError(f"got {len(per_sample)} prompts for n={n} samples")
+        if any(not isinstance(p, str) for p in per_sample):
+            raise StoreError("a prompt must be text")
+        self.cond.encoder.check(list(dict.fromkeys(per_sample)))
+        return per_sample
+
+    def _labels(self, n: int, label) -> tuple[list[str | None], list[int] | None]:
+        if n <= 0:
+            raise StoreError(f"n must be positive, got {n}")
+        per_sample = [label] * n if label is None or isinstance(label, str) else list(label)
+        if len(per_sample) != n:
+            raise StoreError(f"got {len(per_sample)} labels for n={n} samples")
+        if any(lab is None for lab in per_sample) and not all(lab is None for lab in per_sample):
+            raise StoreError("give a label for every sample, or for none")
+        unknown = sorted({lab for lab in per_sample if lab is not None and lab not in self.labels})
+        if unknown:
+            raise StoreError(f"unknown label(s) {', '.join(map(repr, unknown))}; the store has: "
+                             f"{', '.join(self.labels) or 'no labels'}")
+        for lab in sorted(set(per_sample) - {None}):
+            if not any(self.hist.get(c, {}).get(self.labels[lab], 0) for c in (self.hist if self.paragon else self.names)):
+                raise StoreError(f"label {lab!r} is in none of the composed compartments ({', '.join(self.names)})")
+        return per_sample, None if per_sample[0] is None else [self.labels[lab] for lab in per_sample]
+
+
+def _log_prior(hist: dict, names: list[str], lid: int | None, rows: int) -> torch.Tensor:
+    """log pi_i per row: pi_i ~ n_i (unconditional) or n_{i,c} (label c); -inf where zero."""
+    counts = torch.tensor([float(sum(hist.get(c, {}).values()) if lid is None else hist.get(c, {}).get(lid, 0))
+                           for c in names], dtype=torch.float64)
+    lp = torch.where(counts > 0, torch.log(counts / counts.sum()), -torch.inf)
+    return lp.expand(rows, -1).clone()
+
+
+class PipelineCache:
+    """Pipelines of one store, reused while its registry is unchanged (`Store.generation`):
+    a long-running server loads and checks a composition once, not per request. A newer
+    generation (a forget, a retrain) drops every older pipeline, as forgetting does."""
+
+    def __init__(self, size: int = 16):
+        self.size, self.generation = size, -1
+        self._pipes: dict[tuple, CDMPipeline] = {}
+        self._lock = threading.Lock()
+        register_holder(self)
+
+    def get(self, store: Store, allow: list[str] | None = None, **composition) -> CDMPipeline:
+        with store.snapshot():
+            gen = store.generation()
+            key = (gen, None if allow is None else tuple(allow), tuple(sorted(composition.items())))
+            with self._lock:
+                if key in self._pipes:
+                    self._pipes[key] = self._pipes.pop(key)  # most recently used last
+                    return self._pipes[key]
+            pipe = CDMPipeline.from_store(store, allow, **composition)
+        with self._lock:
+            if gen > self.generation:
+                self._pipes.clear()
+                self.generation = gen
+            if gen == self.generation:
+                self._pipes[key] = pipe
+                while len(self._pipes) > self.size:
+                    self._pipes.pop(next(iter(self._pipes)))
+        return pipe
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pipes.clear()
