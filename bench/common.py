@@ -11,7 +11,7 @@ from rich.console import Console
 from cdm.app import api
 from cdm.store.data import load_builtin
 from cdm.store.registry import Store, StoreError
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 console = Console(stderr=True)
 

@@ -26,7 +26,7 @@ from common import console, digits_store, emit
 
 from cdm.app import api
 from cdm.training.executor import LocalExecutor, RayExecutor
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from cdm.app import api
 from cdm.evaluation.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
 from cdm.training.forget import forget
 from cdm.store.registry import PARAGON, Store
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 
 def timed_job(store: Store, name: str) -> float:

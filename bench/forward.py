@@ -14,7 +14,9 @@ import time
 
 import torch
 
-from cdm.models.nets import build_unet, unet_config
+from cdm.models.nets import build_unet
+
+from cdm.models.presets import unet_config
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ import torch
 from common import emit
 
 from cdm.models.grouped import Group
-from cdm.models.nets import build_unet, unet_config
+from cdm.models.nets import build_unet
+from cdm.models.presets import unet_config
 
 
 def median_ms(fn, repeats: int) -> float:

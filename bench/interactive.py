@@ -38,7 +38,7 @@ from common import console, digits_store, emit, median_time, run_clients, train
 
 from cdm.sampling.batching import Batcher, sampler_thread
 from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 # name: (sparse settings, None for the paragon; grouped calls, cdm.grouped)
 CONFIGS = {"paragon": (None, False), "dense": ({}, False), "commit0": ({"commit": 0.0}, False),

@@ -27,7 +27,7 @@ from common import console, digits_store, emit, train
 from cdm.sampling.routers import ROUTER_SPECS
 from cdm.evaluation.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
 from cdm.store.registry import PARAGON
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 ROUTERS = list(ROUTER_SPECS)  # ito, classifier, uniform
 

@@ -34,7 +34,7 @@ from cdm.ingest.ingest import resize_items
 from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
 from cdm.app.report import grid, to_pil
 from cdm.store.registry import PARAGON, Store, StoreError
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 
 @dataclass(frozen=True)

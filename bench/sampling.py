@@ -29,7 +29,7 @@ from common import console, digits_store, train
 from cdm.evaluation.evaluate import ExtractorConfig, Features, frechet_distance, reference_items
 from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
 from cdm.sampling.routers import ROUTER_SPECS
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 ROUTERS = list(ROUTER_SPECS)  # ito, classifier, uniform
 

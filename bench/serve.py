@@ -31,7 +31,7 @@ from common import console, digits_store, run_clients, train
 
 from cdm.sampling.policy import new_key
 from cdm.store.registry import Store
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 
 def free_port() -> int:

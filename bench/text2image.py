@@ -47,7 +47,7 @@ from cdm.evaluation.evaluate import EvalConfig, Evaluator, ExtractorConfig, Feat
 from cdm.ingest.folders import load_folder
 from cdm.app.report import grid, to_pil
 from cdm.store.registry import PARAGON, Store, StoreError
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,10 @@ def kinds(sizes: Sizes, repeats: int = 5, steps: int = 10) -> None:
     the store's preset, text width 64), interleaved and repeated: medians and ratios to full."""
     import torch
 
-    from cdm.models.adapters import AdapterConfig, PromptModel, attach
-    from cdm.models.nets import build_unet, text_unet_config
+    from cdm.models.adapters import PromptModel, attach
+    from cdm.store.recipes import AdapterConfig
+    from cdm.models.nets import build_unet
+    from cdm.models.presets import text_unet_config
 
     conf = text_unet_config(sizes.preset, sizes.size, 3, 64)
     models = {"full": build_unet(conf, 0), "lora": attach(build_unet(conf, 0), AdapterConfig(public=("p",)).recipe(), 1),

@@ -20,7 +20,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdm.models.nets import PRESETS, build_unet, unet_config
+from cdm.models.nets import build_unet
+
+from cdm.models.presets import PRESETS, unet_config
 
 
 def sync(device: str) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from cdm.app import api
 from cdm.store.data import Item, load_builtin
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

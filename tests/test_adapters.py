@@ -12,7 +12,8 @@ import torch
 from cdm.app import api
 from cdm.training.forget import forget
 from cdm.sampling.mixture import Mixture
-from cdm.models.nets import build_unet, unet_config
+from cdm.models.nets import build_unet
+from cdm.models.presets import unet_config
 from cdm.sampling.routers import ItoRouter
 from cdm.store.registry import StoreError
 

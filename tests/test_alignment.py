@@ -16,7 +16,7 @@ from cdm.store.data import Item
 from cdm.evaluation.evaluate import EvalConfig, EvalReport, Evaluator, reference_items
 from cdm.store.registry import StoreError
 from cdm.models.text import build_default
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (220, 220, 30)}
 SHAPES = ("square", "stripe")

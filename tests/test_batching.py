@@ -15,7 +15,8 @@ from cdm.sampling.batching import Batcher, batched_joint, chunked, model_key, sa
 from cdm.models.denoisers import unet_denoiser
 from cdm.models.grouped import Group
 from cdm.sampling.mixture import Routes
-from cdm.models.nets import build_unet, unet_config
+from cdm.models.nets import build_unet
+from cdm.models.presets import unet_config
 from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
 
 from .conftest import make_store

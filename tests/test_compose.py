@@ -12,14 +12,18 @@ import numpy as np
 import pytest
 import torch
 
+from diffusers import DDPMScheduler
+
 from cdm.models.denoisers import guided
 from cdm.sampling.mixture import Mixture
 from cdm.models.nets import RouterNet
 from cdm.sampling.routers import ClassifierRouter, ItoRouter, UniformRouter
 from cdm.sampling.sampler import make_scheduler, sample
-from cdm.training.loop import RouterConfig, TrainConfig, TrainJob, train_job
+from cdm.store.recipes import RouterConfig, TrainConfig
+from cdm.training.job import TrainJob
+from cdm.training.loop import train_job
 
-SCHED = TrainConfig().scheduler().config
+SCHED = DDPMScheduler(**TrainConfig().schedule()).config
 MEANS = [torch.full((1, 4, 4), v) for v in (-0.6, 0.2, 0.7)]
 S = 0.3
 PI = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
@@ -126,10 +130,11 @@ def test_classifier_router_picks_the_right_compartment(tmp_path):
     px = [np.clip(np.rint((m.numpy().transpose(1, 2, 0) + S * rng.randn(4, 4, 1) + 1) * 127.5), 0, 255)
           for m in means for _ in range(n)]
     cfg = RouterConfig(steps=150, batch_size=64, width=16, warmup=10, checkpoint_every=1000)
-    job = TrainJob("router", "router", [f"{i:064x}" for i in range(2 * n)], [2] * (2 * n), [0] * n + [1] * n,
-                   np.stack(px).astype(np.uint8),
-                   dict(compartments=["a", "b"], image_size=4, in_channels=1, num_class_embeds=3, width=16),
-                   cfg, 0, 1, 2, ["a", "b"], dict(num_train_timesteps=1000, beta_schedule="linear"))
+    job = TrainJob(name="router", kind="router", hashes=[f"{i:064x}" for i in range(2 * n)], labels=[2] * (2 * n),
+                   slices=[0] * n + [1] * n, pixels=np.stack(px).astype(np.uint8),
+                   model_config=dict(compartments=["a", "b"], image_size=4, in_channels=1, num_class_embeds=3, width=16),
+                   train=cfg, seed=0, staged=False, null_label=2, classes=["a", "b"],
+                   schedule=dict(num_train_timesteps=1000, beta_schedule="linear"))
     r = train_job(job, tmp_path / "out", tmp_path / "ck", tmp_path / "work")
     assert r.final_loss < 0.5
     net = RouterNet.from_pretrained(tmp_path / "out").eval()

@@ -24,7 +24,7 @@ from PIL import Image
 from cdm.app import api
 from cdm.ingest.folders import load_folder
 from cdm.store.registry import Store, StoreError
-from cdm.training.loop import TrainConfig
+from cdm.store.recipes import TrainConfig
 
 from .conftest import TINY_ROUTER, digests
 
@@ -163,7 +163,8 @@ def test_second_writer_is_refused_with_the_holder_named(tmp_path, digits):
 def test_text_and_base_imports_killed_are_old_or_new_and_resume(tmp_path, digits, command, point):
     """`cdm text`, `cdm adapters --base-from UNET_DIR` and `--base-from SD_DIR` (cdm.sd): the
     settings and the files they need are all live or none is."""
-    from cdm.models.nets import build_unet, unet_config
+    from cdm.models.nets import build_unet
+    from cdm.models.presets import unet_config
 
     from .test_sd import SD_TRAIN, squares, tiny_sd_folder
 

@@ -8,7 +8,8 @@ import torch
 
 from cdm.app import api
 from cdm.models.grouped import Group, grouped_joint, slot_rows
-from cdm.models.nets import build_unet, text_unet_config, unet_config
+from cdm.models.nets import build_unet
+from cdm.models.presets import text_unet_config, unet_config
 from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
 from cdm.store.registry import StoreError
 

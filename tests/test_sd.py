@@ -17,7 +17,7 @@ from cdm.store.data import Item
 from cdm.training.forget import forget
 from cdm.store.registry import StoreError
 from cdm.models.text import build_default
-from cdm.training.loop import RouterConfig, TrainConfig
+from cdm.store.recipes import RouterConfig, TrainConfig
 
 from .conftest import digests
 

@@ -18,14 +18,15 @@ from pathlib import Path
 
 from diffusers import UNet2DModel
 
-from ..models.adapters import AdapterConfig, check_kind
+from ..store.recipes import AdapterConfig, RouterConfig, TextConfig, TrainConfig, check_kind, recipe_fields
 from ..training.build import TrainError, run_jobs, train  # noqa: F401 (re-exported)
 from ..store.data import DataError, load_builtin, to_uint8_images  # noqa: F401 (re-exported)
 from ..ingest.folders import load_folder  # noqa: F401 (re-exported)
 from ..training.forget import ForgetResult, forget  # noqa: F401 (re-exported)
 from ..ingest.ingest import IngestResult, ingest  # noqa: F401 (re-exported)
-from ..sampling.loading import forget_unused_models, load_bank, load_unet  # noqa: F401 (re-exported)
-from ..models.nets import default_preset, unet_class, unet_config
+from ..sampling.loading import load_bank, load_unet  # noqa: F401 (re-exported)
+from ..models.nets import unet_class
+from ..models.presets import default_preset, unet_config
 from ..sampling.pipeline import ADAPTER_MODES, CDMPipeline, Generation, SamplingSettings  # noqa: F401 (re-exported)
 from ..training.kinds import build_job, model_state, train_plan  # noqa: F401 (re-exported)
 from ..sampling.policy import Policy, store_policy
@@ -34,9 +35,8 @@ from ..store.recipes import (adapter_config, latent_config, model_seed, model_sh
 from ..training.sd import import_sd, install_base, is_sd_folder
 from ..models import text
 from ..sampling.routers import DEFAULT_ROUTER
-from ..store.registry import BASE, PARAGON, ROUTER, Store, StoreConfig, StoreError, crashpoint, file_digest
-from ..models.text import TextConfig, build_default, check_folder
-from ..training.loop import WEIGHTS, RouterConfig, TrainConfig, recipe_fields
+from ..store.registry import BASE, PARAGON, ROUTER, WEIGHTS, Store, StoreConfig, StoreError, crashpoint, file_digest
+from ..models.text import build_default, check_folder
 
 plan = train_plan  # the models `train` would (re)train, in order
 

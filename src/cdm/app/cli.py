@@ -27,14 +27,14 @@ from ..evaluation.evaluate import EvalConfig, evaluate_store
 from ..training.executor import make_executor
 from ..training.forget import forget as run_forget
 from ..ingest.ingest import resize_items
-from ..models.nets import default_preset
+from ..models.presets import default_preset
 from ..sampling.pipeline import CDMPipeline, SamplingSettings
 from ..sampling.policy import Policy, new_key, set_store_policy, store_policy
 from .progress import training_progress
 from .report import write_samples
 from ..sampling.routers import DEFAULT_ROUTER, ROUTER_SPECS, router_help
 from ..store.registry import Store
-from ..training.loop import TrainConfig
+from ..store.recipes import TrainConfig
 
 app = typer.Typer(help="Compartmentalized Diffusion Models: one diffusion model per data compartment, "
                        "composed at sampling time.", no_args_is_help=True, pretty_exceptions_enable=False)

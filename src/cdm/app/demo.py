@@ -24,7 +24,7 @@ from .progress import training_progress
 from .report import grid, plot_weights, to_pil
 from ..sampling.routers import DEFAULT_ROUTER, ROUTER_SPECS
 from ..store.registry import Store
-from ..training.loop import RouterConfig, TrainConfig
+from ..store.recipes import RouterConfig, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..training.loop import Progress as ProgressCallback
+from ..training.job import Progress as ProgressCallback
 
 
 def training_progress(console: Console) -> tuple[Progress, ProgressCallback]:

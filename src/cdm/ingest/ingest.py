@@ -12,7 +12,8 @@ from PIL import Image
 
 from ..store.data import DataError, Item, SplitRule, assign_slice, check_caption, check_label, check_name
 from .folders import canonical
-from ..sampling.loading import load_text
+from ..models.text import load_encoder
+from ..store.recipes import text_config, text_dir
 from ..store.registry import BASE, PARAGON, ROUTER, Store, crashpoint, now
 
 
@@ -63,7 +64,8 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
                 captions[id(it)] = check_caption(it.caption)
             except DataError as e:
                 bad_captions.append(f"{it.origin}: {e}")
-    encoder = load_text(store) if captions else None
+    text = text_config(store) if captions else None
+    encoder = None if text is None else load_encoder(text_dir(store, text), text.digest)
     if encoder is not None:  # a text-conditioned store: every caption must fit its encoder
         bad_captions += encoder.misfits([(it.origin, captions[id(it)]) for it in items if id(it) in captions])
     if bad_captions:

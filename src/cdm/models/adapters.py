@@ -19,68 +19,10 @@ import copy
 import threading
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 
 from .denoisers import cond_rows, unet_inputs
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name for an adapter's weights
-
-# resnet convolutions and time projections, attention projections, the label embedding
-TARGETS = r".*(conv1|conv2|time_emb_proj|to_q|to_k|to_v|to_out\.0|class_embedding)$"
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """How a store's compartments are built when they are adapters.
-
-    `public`: the sources the base model trains on (every compartment then is an adapter);
-    `base_from`: instead, the weights digest of a base imported from a diffusers folder."""
-
-    rank: int = 4
-    alpha: float = 16.0  # scale alpha / rank = 4: on digits FID +3.2% vs full models, scale 1 gave +7.2%
-    targets: str = TARGETS
-    public: tuple[str, ...] = field(default_factory=tuple)
-    base_from: str | None = None
-    kind: str = "lora"  # "prompt": a learned prompt of `tokens` vectors (text stores); "full": a fine-tune of the base
-    tokens: int = 4
-
-    def __post_init__(self):
-        check_kind(self.kind, self.tokens)
-        if self.rank < 1:
-            raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"adapter alpha must be > 0, got {self.alpha}")
-        if bool(self.public) == bool(self.base_from):
-            raise ValueError("adapters need exactly one base: public source(s) to train it on, or an imported folder")
-
-    def recipe(self) -> dict:
-        """What an adapter's weights depend on besides its items (goes into its spec)."""
-        if self.kind == "prompt":
-            return dict(kind="prompt", tokens=self.tokens)
-        if self.kind == "full":
-            return dict(kind="full")
-        return dict(rank=self.rank, alpha=self.alpha, targets=self.targets)
-
-
-ADAPTER_KINDS = ("lora", "prompt", "full")
-
-
-def check_kind(kind: str, tokens: int) -> None:
-    if kind not in ADAPTER_KINDS:
-        raise ValueError(f"unknown adapter kind {kind!r}; available: {', '.join(ADAPTER_KINDS)}")
-    if not 1 <= tokens <= 64:
-        raise ValueError(f"a learned prompt has 1-64 tokens, got {tokens}")
-
-
-def is_prompt(recipe: dict) -> bool:
-    return recipe.get("kind") == "prompt"
-
-
-def is_full(recipe: dict) -> bool:
-    """A full fine-tune of the base: every weight trains, the compartment is a whole UNet."""
-    return recipe.get("kind") == "full"
 
 
 class PromptModel(torch.nn.Module):

@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
 from .denoisers import fixed_chunks
+from ..store.recipes import LatentConfig
 from ..store.registry import StoreError, file_digest
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-@dataclass(frozen=True)
-class LatentConfig:
-    """A store's latent space (meta "latent"): which VAE, pinned by its weights digest."""
-
-    digest: str
-    source: str
-    channels: int  # latent channels
-    factor: int  # pixels per latent, per side
-    scaling_factor: float
 
 
 def vae_digest(folder: Path) -> str:
@@ -88,13 +77,6 @@ def load_latents(folder: Path, config: LatentConfig, device: str | torch.device 
         raise StoreError(f"VAE files in {folder} are missing or corrupted (expected {config.digest[:12]}); "
                          "import the Stable Diffusion folder again")
     return Latents(folder, config, device)
-
-
-def latent_shape(channels: int, image_size: int, latent: LatentConfig | None) -> tuple[int, int, int]:
-    """The shape models see: pixels (C, H, W), or the VAE's latents."""
-    if latent is None:
-        return channels, image_size, image_size
-    return latent.channels, image_size // latent.factor, image_size // latent.factor
 
 
 def read_json(path: Path) -> dict:

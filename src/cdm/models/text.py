@@ -23,25 +23,15 @@ import hashlib
 import json
 import shutil
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .denoisers import fixed_chunks
+from ..store.recipes import TextConfig
 from ..store.registry import StoreError
 
 ENCODER, TOKENIZER = "text_encoder", "tokenizer"
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    """A store's text conditioning (meta "text"): which encoder, pinned by its digest."""
-
-    digest: str  # of the encoder folder (`folder_digest`)
-    source: str  # "default" or the folder it was imported from
-    max_length: int  # tokens per prompt, start and end included
-    dim: int  # width of the embeddings (the UNets' cross_attention_dim)
 
 
 def _byte_symbols() -> list[str]:

@@ -1,39 +1,56 @@
 """Open live models from the store, each checked against its registry digest when read.
 
-Models already in memory with the same digest are reused across calls (models are never
-modified in place); forgetting drops every copy (`forget_unused_models`). Only what a
-caller names is opened (docs/architecture.md, invariant 4).
+Models already in memory are reused across calls (`MODELS`): an entry is keyed by the
+store, what it is and the digests of the weights it was built from, so a replaced or
+forgotten model is never served again. When a store's registry generation moves on (a
+forget, a retrain), its entries whose digests are no longer live are dropped at its next
+load: forgetting needs no hook into this cache. Only what a caller names is opened
+(docs/architecture.md, invariant 4).
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from ..models.adapters import ADAPTER_WEIGHTS, AdapterBank, PromptModel, is_full, is_prompt, merged
+from ..models.adapters import AdapterBank, PromptModel, merged
 from ..models.grouped import Group
-from ..models.nets import RouterNet, unet_class
 from ..models.latent import load_latents
-from ..store.recipes import latent_config, latent_dir, text_config, text_dir
-from .routers import ClassifierRouter
-from ..store.registry import BASE, ROUTER, NotReady, Store, StoreError, file_digest
 from ..models.text import load_encoder
-from ..training.loop import WEIGHTS
+from ..store.recipes import is_full, is_prompt, latent_config, latent_dir, text_config, text_dir
+from ..store.registry import ADAPTER_WEIGHTS, BASE, ROUTER, WEIGHTS, NotReady, Store, StoreError, file_digest
+from ..training.kinds import kind_of
+from ..training.trainers import TRAINERS
+from .cache import LRU
+from .routers import ClassifierRouter
 
-UNET_CACHE = 32  # models kept in memory across calls, keyed by folder, weights digest and device
-_UNETS: dict[tuple, UNet2DModel] = {}
-_UNETS_LOCK = threading.Lock()
-_HOLDERS: "weakref.WeakSet" = weakref.WeakSet()  # other in-memory holders of models (pipeline caches)
+
+class ModelCache:
+    """Live models (UNets, adapter banks, groups, encoders, VAEs) kept in memory across calls."""
+
+    def __init__(self, size: int = 32):
+        self.lru = LRU(size)
+        self._seen: dict[str, int] = {}  # store root -> registry generation its entries were last checked at
+
+    def get(self, store: Store, what: str, digests: tuple, device, build):
+        root = str(store.root.resolve())
+        gen = store.generation()
+        if self._seen.get(root) != gen:  # drop what this store no longer holds
+            live = _live_digests(store)
+            self.lru.drop(lambda k: k[0] == root and not set(k[2]) <= live)
+            self._seen[root] = gen
+        return self.lru.get((root, what, digests, str(device)), build)
 
 
-def register_holder(holder) -> None:
-    """`holder.clear()` is called whenever forgetting drops models from memory."""
-    _HOLDERS.add(holder)
+MODELS = ModelCache()
+
+
+def _live_digests(store: Store) -> set:
+    text, latent = text_config(store), latent_config(store)
+    return {m.digest for m in store.models().values()} | {c.digest for c in (text, latent) if c is not None}
 
 
 def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
@@ -49,16 +66,14 @@ def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
         if base_row is None or base_row.digest != adapter["base"]:
             raise StoreError(f"compartment {name!r} is an adapter on another base model; retrain with `cdm train`")
         base = load_unet(store, BASE, device)
-        key = (str(folder.resolve()), row.digest, str(device), adapter["base"])
+        digests = (row.digest, adapter["base"])
         if is_prompt(adapter):  # shares the base: one copy in memory for every prompt compartment
-            return _cached(key, lambda: PromptModel(base, _adapter_weights(folder)["prompt"].to(device))
-                           .eval().requires_grad_(False))
-        return _cached(key, lambda: merged(base, adapter, _adapter_weights(folder))
-                       .to(device, memory_format=torch.channels_last))
-    key = (str(folder.resolve()), row.digest, str(device))
-    cls = unet_class(UNet2DModel.load_config(folder))
-    return _cached(key, lambda: cls.from_pretrained(folder, low_cpu_mem_usage=False)
-                   .to(device, memory_format=torch.channels_last).eval().requires_grad_(False))
+            return MODELS.get(store, name, digests, device, lambda: PromptModel(
+                base, _adapter_weights(folder)["prompt"].to(device)).eval().requires_grad_(False))
+        return MODELS.get(store, name, digests, device, lambda: merged(base, adapter, _adapter_weights(folder))
+                          .to(device, memory_format=torch.channels_last))
+    return MODELS.get(store, name, (row.digest,), device, lambda: TRAINERS[kind_of(name).trainer].load(folder)
+                      .to(device, memory_format=torch.channels_last).eval().requires_grad_(False))
 
 
 def load_bank(store: Store, names: list[str], device: str = "cpu") -> AdapterBank:
@@ -72,9 +87,9 @@ def load_bank(store: Store, names: list[str], device: str = "cpu") -> AdapterBan
         if not row.info.get("adapter") or base_row is None or row.info["adapter"]["base"] != base_row.digest:
             raise StoreError(f"compartment {n!r} is not an adapter on this store's base model")
     base = load_unet(store, BASE, device)
-    key = ("bank", base_row.digest, str(device), tuple((n, r.digest) for n, (r, _) in rows.items()))
-    return _cached(key, lambda: AdapterBank(base, {n: (r.info["adapter"], _adapter_weights(f))
-                                                   for n, (r, f) in rows.items()}))
+    digests = (base_row.digest, *(r.digest for r, _ in rows.values()))
+    return MODELS.get(store, "bank:" + ",".join(names), digests, device, lambda: AdapterBank(
+        base, {n: (r.info["adapter"], _adapter_weights(f)) for n, (r, f) in rows.items()}))
 
 
 def load_classifier(store: Store, names: list[str], device: str = "cpu") -> ClassifierRouter:
@@ -83,7 +98,7 @@ def load_classifier(store: Store, names: list[str], device: str = "cpu") -> Clas
     folder = store.folder(row)
     if file_digest(folder / WEIGHTS) != row.digest:
         raise NotReady(f"classifier router files ({row.path} in the store) are corrupted; retrain with `cdm train`")
-    net = RouterNet.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+    net = TRAINERS[kind_of(ROUTER).trainer].load(folder).to(device).eval()
     classes = list(net.config.compartments)
     return ClassifierRouter(net, [classes.index(c) for c in names])
 
@@ -94,7 +109,7 @@ def load_text(store: Store, device: str = "cpu"):
     if config is None:
         return None
     folder = text_dir(store, config)
-    return _cached((str(folder), config.digest, str(device), "text"), lambda: load_encoder(folder, config.digest, device))
+    return MODELS.get(store, "text", (config.digest,), device, lambda: load_encoder(folder, config.digest, device))
 
 
 def load_vae(store: Store, device: str = "cpu"):
@@ -103,29 +118,20 @@ def load_vae(store: Store, device: str = "cpu"):
     if config is None:
         return None
     folder = latent_dir(store, config)
-    return _cached((str(folder), config.digest, str(device), "vae"), lambda: load_latents(folder, config, device))
+    return MODELS.get(store, "vae", (config.digest,), device, lambda: load_latents(folder, config, device))
 
 
 def load_group(store: Store, names: list[str], unets: list, device: str = "cpu") -> Group:
     """The models of `names` (loaded: `unets`) as one cdm.grouped.Group, shared by every
     pipeline that composes them, so the server's wide calls carry all their requests."""
     base = store.model(BASE)
-    key = ("group", str(device), base.digest if base else None, *((n, store.model(n).digest) for n in names))
-    return _cached(key, lambda: Group(unets))
+    digests = (*((base.digest,) if base else ()), *(store.model(n).digest for n in names))
+    return MODELS.get(store, "group:" + ",".join(names), digests, device, lambda: Group(unets))
 
 
 def scheduler_config(store: Store, name: str) -> dict:
     """The noise schedule a model was trained with (saved beside its weights)."""
     return dict(DDPMScheduler.load_config(store.model_dir(name)))
-
-
-def forget_unused_models() -> None:
-    """Drop models from memory whose folder is gone (replaced or forgotten), and every cached pipeline."""
-    with _UNETS_LOCK:
-        for key in [k for k in _UNETS if k[0] in ("bank", "group") or not Path(k[0]).exists()]:
-            _UNETS.pop(key, None)
-    for holder in list(_HOLDERS):
-        holder.clear()
 
 
 def _checked(store: Store, name: str):
@@ -146,16 +152,3 @@ def _checked(store: Store, name: str):
 
 def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / ADAPTER_WEIGHTS))
-
-
-def _cached(key: tuple, build):
-    with _UNETS_LOCK:
-        if key in _UNETS:
-            _UNETS[key] = _UNETS.pop(key)  # most recently used last
-            return _UNETS[key]
-    model = build()
-    with _UNETS_LOCK:
-        _UNETS[key] = model
-        while len(_UNETS) > UNET_CACHE:
-            _UNETS.pop(next(iter(_UNETS)))
-    return model

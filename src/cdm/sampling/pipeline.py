@@ -16,7 +16,6 @@ benches all pass one.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,8 +26,8 @@ from .batching import Batcher, batched, batched_joint
 from ..store.data import to_uint8_images
 from ..models.denoisers import ClassLabels, guided, unet_denoiser
 from ..models.grouped import Group, grouped_joint
-from .loading import (load_bank, load_classifier, load_group, load_text, load_unet, load_vae, register_holder,
-                      scheduler_config)
+from .cache import LRU
+from .loading import load_bank, load_classifier, load_group, load_text, load_unet, load_vae, scheduler_config
 from .mixture import Mixture
 from ..training.kinds import model_state
 from .policy import Policy, store_policy
@@ -311,34 +310,18 @@ def _log_prior(hist: dict, names: list[str], lid: int | None, rows: int) -> torc
 
 class PipelineCache:
     """Pipelines of one store, reused while its registry is unchanged (`Store.generation`):
-    a long-running server loads and checks a composition once, not per request. A newer
-    generation (a forget, a retrain) drops every older pipeline, as forgetting does."""
+    a long-running server loads and checks a composition once, not per request. A pipeline
+    is keyed by the generation it was loaded at, and a newer generation (a forget, a
+    retrain) drops every older pipeline."""
 
     def __init__(self, size: int = 16):
-        self.size, self.generation = size, -1
-        self._pipes: dict[tuple, CDMPipeline] = {}
-        self._lock = threading.Lock()
-        register_holder(self)
+        self.lru, self.generation = LRU(size), -1
 
     def get(self, store: Store, allow: list[str] | None = None, **composition) -> CDMPipeline:
         with store.snapshot():
             gen = store.generation()
-            key = (gen, None if allow is None else tuple(allow), tuple(sorted(composition.items())))
-            with self._lock:
-                if key in self._pipes:
-                    self._pipes[key] = self._pipes.pop(key)  # most recently used last
-                    return self._pipes[key]
-            pipe = CDMPipeline.from_store(store, allow, **composition)
-        with self._lock:
             if gen > self.generation:
-                self._pipes.clear()
+                self.lru.drop(lambda key: key[0] < gen)
                 self.generation = gen
-            if gen == self.generation:
-                self._pipes[key] = pipe
-                while len(self._pipes) > self.size:
-                    self._pipes.pop(next(iter(self._pipes)))
-        return pipe
-
-    def clear(self) -> None:
-        with self._lock:
-            self._pipes.clear()
+            key = (gen, None if allow is None else tuple(allow), tuple(sorted(composition.items())))
+            return self.lru.get(key, lambda: CDMPipeline.from_store(store, allow, **composition))

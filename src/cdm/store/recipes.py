@@ -1,20 +1,176 @@
 """The store's recipes as typed configs: how every model in it is built.
 
-Saved in the registry's meta at `cdm init` (training, router), `cdm adapters` and `cdm text`; read here
-and nowhere else. Seeds are pure functions of the store seed and a model's name.
+The configs are defined here and saved in the registry's meta at `cdm init` (training,
+router), `cdm adapters` (adapters), `cdm text` (text) and a Stable Diffusion import
+(latent); they are read back here and nowhere else. Seeds are pure functions of the store
+seed and a model's name. Nothing here imports torch: light commands (`cdm status`) read
+recipes without it.
 """
 
 from __future__ import annotations
 
 import hashlib
-
+import math
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..models.adapters import AdapterConfig
-from ..models.latent import LatentConfig, latent_shape
 from .registry import Store
-from ..models.text import TextConfig
-from ..training.loop import RouterConfig, TrainConfig
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Recipe shared by every compartment and the paragon of a store (DDPM, Ho et al. 2020)."""
+
+    preset: str = "small"
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.9995
+    ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at ema_decay
+    label_dropout: float = 0.1  # in text stores: caption dropout (the empty prompt)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0001  # diffusers' defaults; a Stable Diffusion import sets its own
+    beta_end: float = 0.02
+    checkpoint_every: int = 250
+    # a budget in passes over a model's own items instead of a fixed count: a model on n items
+    # trains clip(ceil(epochs * n / batch_size), min_steps, steps) steps (steps is then the cap),
+    # so small compartments are not overtrained and large ones not undertrained
+    epochs: float | None = None
+    min_steps: int = 100
+
+    def for_items(self, n: int) -> "TrainConfig":
+        """The recipe of one model trained on n items: the epoch budget resolved into steps."""
+        if self.epochs is None:
+            return self
+        steps = max(self.min_steps, math.ceil(self.epochs * n / self.batch_size))
+        return replace(self, steps=min(self.steps, steps), epochs=None, min_steps=TrainConfig.min_steps)
+
+    def schedule(self) -> dict:
+        """The noise schedule as a diffusers `DDPMScheduler` config (`DDPMScheduler(**schedule)`)."""
+        return dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
+                    beta_start=self.beta_start, beta_end=self.beta_end, timestep_spacing="trailing")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Recipe of the classifier router (CDM paper: a noisy-input compartment classifier)."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 50
+    width: int = 32
+    label_dropout: float = 0.1
+    checkpoint_every: int = 250
+
+
+
+
+def recipe_fields(cfg) -> dict:
+    """A recipe as a spec sees it. Fields added after the first release are left out while they
+    hold their defaults, so a model trained before they existed stays up to date."""
+    d = asdict(cfg)
+    if isinstance(cfg, TrainConfig):
+        for k in ("epochs", "min_steps", "beta_start", "beta_end"):
+            if d[k] == getattr(TrainConfig, k):
+                del d[k]
+    return d
+
+
+
+
+# resnet convolutions and time projections, attention projections, the label embedding
+TARGETS = r".*(conv1|conv2|time_emb_proj|to_q|to_k|to_v|to_out\.0|class_embedding)$"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How a store's compartments are built when they are adapters.
+
+    `public`: the sources the base model trains on (every compartment then is an adapter);
+    `base_from`: instead, the weights digest of a base imported from a diffusers folder."""
+
+    rank: int = 4
+    alpha: float = 16.0  # scale alpha / rank = 4: on digits FID +3.2% vs full models, scale 1 gave +7.2%
+    targets: str = TARGETS
+    public: tuple[str, ...] = field(default_factory=tuple)
+    base_from: str | None = None
+    kind: str = "lora"  # "prompt": a learned prompt of `tokens` vectors (text stores); "full": a fine-tune of the base
+    tokens: int = 4
+
+    def __post_init__(self):
+        check_kind(self.kind, self.tokens)
+        if self.rank < 1:
+            raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"adapter alpha must be > 0, got {self.alpha}")
+        if bool(self.public) == bool(self.base_from):
+            raise ValueError("adapters need exactly one base: public source(s) to train it on, or an imported folder")
+
+    def recipe(self) -> dict:
+        """What an adapter's weights depend on besides its items (goes into its spec)."""
+        if self.kind == "prompt":
+            return dict(kind="prompt", tokens=self.tokens)
+        if self.kind == "full":
+            return dict(kind="full")
+        return dict(rank=self.rank, alpha=self.alpha, targets=self.targets)
+
+
+ADAPTER_KINDS = ("lora", "prompt", "full")
+
+
+def check_kind(kind: str, tokens: int) -> None:
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}; available: {', '.join(ADAPTER_KINDS)}")
+    if not 1 <= tokens <= 64:
+        raise ValueError(f"a learned prompt has 1-64 tokens, got {tokens}")
+
+
+
+
+def is_prompt(recipe: dict) -> bool:
+    return recipe.get("kind") == "prompt"
+
+
+def is_full(recipe: dict) -> bool:
+    """A full fine-tune of the base: every weight trains, the compartment is a whole UNet."""
+    return recipe.get("kind") == "full"
+
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A store's text conditioning (meta "text"): which encoder, pinned by its digest."""
+
+    digest: str  # of the encoder folder (`folder_digest`)
+    source: str  # "default" or the folder it was imported from
+    max_length: int  # tokens per prompt, start and end included
+    dim: int  # width of the embeddings (the UNets' cross_attention_dim)
+
+
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    """A store's latent space (meta "latent"): which VAE, pinned by its weights digest."""
+
+    digest: str
+    source: str
+    channels: int  # latent channels
+    factor: int  # pixels per latent, per side
+    scaling_factor: float
+
+
+
+
+def latent_shape(channels: int, image_size: int, latent: LatentConfig | None) -> tuple[int, int, int]:
+    """The shape models see: pixels (C, H, W), or the VAE's latents."""
+    if latent is None:
+        return channels, image_size, image_size
+    return latent.channels, image_size // latent.factor, image_size // latent.factor
+
+
 
 
 def train_config(store: Store) -> TrainConfig:

@@ -44,6 +44,8 @@ SCHEMA_VERSION = 1
 PARAGON = "paragon"
 ROUTER = "router"
 BASE = "base"  # shared base model of adapter compartments
+WEIGHTS = "diffusion_pytorch_model.safetensors"  # a diffusers model folder's weights
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name for an adapter's weights
 
 CAPTIONS = "CREATE TABLE IF NOT EXISTS captions(hash TEXT PRIMARY KEY REFERENCES items(hash), text TEXT NOT NULL)"
 SCHEMA = """

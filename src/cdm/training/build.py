@@ -14,7 +14,7 @@ from .executor import Executor, LocalExecutor, Task
 from .kinds import build_job, train_plan
 from ..store.recipes import router_config, train_config
 from ..store.registry import BASE, Store, StoreError
-from .loop import Progress, TrainResult, weights_file
+from .job import Progress, TrainResult
 
 
 class TrainError(StoreError):
@@ -90,10 +90,10 @@ def _run_wave(store: Store, names: list[str], executor: Executor, progress: Prog
                 continue
             info = dict(items=res.items, steps=job.train.steps, seconds=round(res.seconds, 3),
                         final_loss=res.final_loss, resumed_from=res.resumed_from, classes=job.classes,
-                        executor=executor.name, threads=o.threads, weights=weights_file(job))
-            if job.extra.get("adapter"):
-                info["adapter"] = job.extra["adapter"]  # recipe and base digest
-            row = store.install_model(job.name, job.kind, job.spec, o.task.out_dir, weights_file(job), info,
+                        executor=executor.name, threads=o.threads, weights=job.weights)
+            if job.adapter:
+                info["adapter"] = job.adapter  # recipe and base digest
+            row = store.install_model(job.name, job.kind, job.spec, o.task.out_dir, job.weights, info,
                                       event=dict(items=res.items, steps_run=res.steps,
                                                  resumed_from=res.resumed_from, executor=executor.name), actor=actor)
             res.out_dir = store.folder(row)

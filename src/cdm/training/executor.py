@@ -27,7 +27,8 @@ from typing import Iterator, Union
 
 import torch
 
-from .loop import RESUME, Progress, TrainJob, TrainResult, prune_checkpoints, stage_checkpoint, train_job
+from .job import RESUME, Progress, TrainJob, TrainResult, prune_checkpoints, stage_checkpoint
+from .loop import train_job
 
 EXECUTORS = ("local", "ray")
 Executor = Union["LocalExecutor", "RayExecutor"]

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 
 from .build import run_jobs
 from .executor import Executor, LocalExecutor
-from ..sampling.loading import forget_unused_models
-from .kinds import build_job, plan, saw
+from .kinds import build_job, kind_of, plan, saw
 from ..store.registry import PARAGON, ROUTER, NotFound, Store, StoreError, crashpoint
-from .loop import Progress, stale_checkpoints
+from .job import Progress, stale_checkpoints
 
 
 @dataclass
@@ -57,7 +56,7 @@ def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touch
         paths += [store.models_dir(c), store.checkpoint_dir(c), store.work_dir(c)]
     for n in dict.fromkeys([*touched, PARAGON, *(n for n in invalid if n not in dropped)]):
         ckpt = store.checkpoint_dir(n)
-        if ckpt.exists() and n != ROUTER:
+        if ckpt.exists() and kind_of(n).checkpoints:
             paths += stale_checkpoints(build_job(store, n, load_pixels=False), ckpt)
     paths += [store.work_dir(n) for n in dict.fromkeys([*touched, *invalid, PARAGON, ROUTER])]  # interrupted runs
     paths.append(store.eval_dir())  # the evaluation feature extractor was trained on the items
@@ -97,8 +96,8 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
             items=[dict(hash=r.hash, source=r.source, compartment=r.compartment, slice=r.slice) for r in gone],
             dropped=dropped, source=source, models_before=before), actor)
     crashpoint("forget:committed")
-    store.finish_cleanup(intent)  # nothing that held the data remains restorable
-    forget_unused_models()  # nor any copy in this process's memory
+    store.finish_cleanup(intent)  # nothing that held the data remains restorable (models in memory: their
+    # digests are no longer live, so cdm.sampling.loading never serves them again and drops them at its next load)
     crashpoint("forget:cleaned")
 
     res = ForgetResult([r.hash for r in gone], dropped, [], invalid)

@@ -16,14 +16,13 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from ..models.adapters import AdapterConfig
-from ..models.latent import VAE_WEIGHTS, check_vae, latent_shape, read_json
+from ..store.recipes import AdapterConfig, TrainConfig, latent_shape
+from ..models.latent import VAE_WEIGHTS, check_vae, read_json
 from ..store.recipes import latent_dir, train_config
-from ..store.registry import BASE, Store, StoreError, file_digest
+from ..store.registry import BASE, WEIGHTS, Store, StoreError, file_digest
 from ..models.text import check_folder, install
-from .loop import WEIGHTS, TrainConfig
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -117,7 +116,7 @@ def install_base(store: Store, unet: Path, digest: str, recipe: TrainConfig, als
     tmp = store.new_model_dir(BASE)
     for name in ("config.json", WEIGHTS):
         shutil.copyfile(unet / name, tmp / name)
-    recipe.scheduler().save_pretrained(tmp)
+    DDPMScheduler(**recipe.schedule()).save_pretrained(tmp)
     store.install_model(BASE, "base", f"import:{digest}", tmp, WEIGHTS, dict(imported_from=str(unet)), also=also)
 
 
