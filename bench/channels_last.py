@@ -37,7 +37,7 @@ def main() -> None:
         run(**kw)  # loads every model once (kept in memory, channels-last)
 
     def set_format(fmt):
-        for m in list(loading._UNETS.values()):
+        for m in loading.MODELS.lru.values():
             if isinstance(m, torch.nn.Module):
                 m.to(memory_format=fmt)
 

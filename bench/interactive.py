@@ -37,7 +37,8 @@ import torch
 from common import console, digits_store, emit, median_time, run_clients, train
 
 from cdm.sampling.batching import Batcher, sampler_thread
-from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.sampling.pipeline import CDMPipeline
+from cdm.sampling.settings import SamplingSettings
 from cdm.store.recipes import RouterConfig, TrainConfig
 
 # name: (sparse settings, None for the paragon; grouped calls, cdm.grouped)

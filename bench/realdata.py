@@ -31,7 +31,8 @@ from cdm.app.demo import top_share
 from cdm.evaluation.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, frechet_distance
 from cdm.ingest.folders import load_folder
 from cdm.ingest.ingest import resize_items
-from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.sampling.pipeline import CDMPipeline
+from cdm.sampling.settings import SamplingSettings
 from cdm.app.report import grid, to_pil
 from cdm.store.registry import PARAGON, Store, StoreError
 from cdm.store.recipes import RouterConfig, TrainConfig

@@ -27,7 +27,8 @@ import numpy as np
 from common import console, digits_store, train
 
 from cdm.evaluation.evaluate import ExtractorConfig, Features, frechet_distance, reference_items
-from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.sampling.pipeline import CDMPipeline
+from cdm.sampling.settings import SamplingSettings
 from cdm.sampling.routers import ROUTER_SPECS
 from cdm.store.recipes import RouterConfig, TrainConfig
 

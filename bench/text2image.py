@@ -148,7 +148,8 @@ def digits(work: Path, steps: int, samples: int = 200) -> None:
     """Do prompts steer the models? The builtin digits captioned `a handwritten <name>`, iid:2
     and the paragon; the feature net's conditional accuracy on prompted samples (chance 0.1)."""
     from cdm.store.data import load_builtin
-    from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+    from cdm.sampling.pipeline import CDMPipeline
+    from cdm.sampling.settings import SamplingSettings
 
     words = "zero one two three four five six seven eight nine".split()
     try:

@@ -12,6 +12,7 @@ import torch
 from cdm.app import api
 from cdm.training.forget import forget
 from cdm.sampling.mixture import Mixture
+from cdm.sampling.settings import Sparsity
 from cdm.models.nets import build_unet
 from cdm.models.presets import unet_config
 from cdm.sampling.routers import ItoRouter
@@ -109,8 +110,8 @@ def test_adapter_modes_agree(tmp_path, digits):
     # a Mixture over the joint call is the Mixture over the loop, dense and sparse
     prior = torch.zeros(6, 3, dtype=torch.float64)
     for kw in (dict(), dict(prune=0.0)):
-        a = Mixture([bank.denoiser(c) for c in names], ItoRouter(), prior, **kw)
-        b = Mixture([bank.denoiser(c) for c in names], ItoRouter(), prior, joint=bank.joint(names), **kw)
+        a = Mixture([bank.denoiser(c) for c in names], ItoRouter(), prior, Sparsity(**kw))
+        b = Mixture([bank.denoiser(c) for c in names], ItoRouter(), prior, Sparsity(**kw), joint=bank.joint(names))
         with torch.inference_mode():
             assert torch.allclose(a(x, t, y), b(x, t, y), atol=1e-5) and a.evaluations == b.evaluations
     g = {m: api.sample(s, 2, "3", steps=3, adapter_mode=m) for m in api.ADAPTER_MODES}

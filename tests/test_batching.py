@@ -17,7 +17,8 @@ from cdm.models.grouped import Group
 from cdm.sampling.mixture import Routes
 from cdm.models.nets import build_unet
 from cdm.models.presets import unet_config
-from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.sampling.pipeline import CDMPipeline
+from cdm.sampling.settings import SamplingSettings
 
 from .conftest import make_store
 

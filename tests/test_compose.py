@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler
 
 from cdm.models.denoisers import guided
 from cdm.sampling.mixture import Mixture
+from cdm.sampling.settings import Sparsity
 from cdm.models.nets import RouterNet
 from cdm.sampling.routers import ClassifierRouter, ItoRouter, UniformRouter
 from cdm.sampling.sampler import make_scheduler, sample
@@ -149,8 +150,8 @@ def test_classifier_router_picks_the_right_compartment(tmp_path):
 
 def _mix_sample(router, prune, n=600, steps=50, seed=0, commit=None, subset=None):
     sched = make_scheduler(SCHED, "ddpm")
-    mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in MEANS], router, PI.log().expand(n, 3), prune, commit,
-                  torch.Generator().manual_seed(5), subset=subset)
+    mix = Mixture([Gaussian(m, sched.alphas_cumprod) for m in MEANS], router, PI.log().expand(n, 3),
+                  Sparsity(prune, commit, subset), generator=torch.Generator().manual_seed(5))
     noise = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
     return compose(mix, sched, noise, steps, torch.Generator().manual_seed(seed)), mix
 
@@ -192,7 +193,7 @@ def test_commit_samples_the_same_union_at_a_fraction_of_the_cost(commit):
 def test_subsets_are_drawn_in_proportion_to_their_prior_mass():
     n = 20000
     prior = torch.tensor([[0.5, 0.3, 0.2, 0.0]], dtype=torch.float64).log().expand(n, 4)  # 4th: not eligible
-    mix = Mixture([lambda x, t, y: x] * 4, ItoRouter(), prior, subset=2, generator=torch.Generator().manual_seed(0))
+    mix = Mixture([lambda x, t, y: x] * 4, ItoRouter(), prior, Sparsity(subset=2), generator=torch.Generator().manual_seed(0))
     mix(torch.zeros(n, 1, 1, 1), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
     assert (mix.active.sum(1) == 2).all() and not mix.active[:, 3].any()
     pairs = {(0, 1): 0.8, (0, 2): 0.7, (1, 2): 0.5}  # P(S) = pi_S / sum over S
@@ -231,10 +232,10 @@ def test_a_mixture_wrapped_in_guidance_still_routes():
     dens = [Gaussian(m, sched.alphas_cumprod) for m in MEANS]
     noise = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(7))
     for kw in (dict(), dict(prune=3.0), dict(subset=2, commit=0.5)):
-        plain = Mixture(dens, ItoRouter(), PI.log().expand(n, 3), generator=torch.Generator().manual_seed(1), **kw)
+        plain = Mixture(dens, ItoRouter(), PI.log().expand(n, 3), Sparsity(**kw), generator=torch.Generator().manual_seed(1))
         a = compose(plain, make_scheduler(SCHED, "ddpm"), noise, 30, torch.Generator().manual_seed(2))
-        inner = Mixture(dens, ItoRouter(), PI.log().expand(2 * n, 3), generator=torch.Generator().manual_seed(1),
-                        copies=2, **kw)
+        inner = Mixture(dens, ItoRouter(), PI.log().expand(2 * n, 3), Sparsity(**kw),
+                        generator=torch.Generator().manual_seed(1), copies=2)
         null = torch.full((n,), 9, dtype=torch.long)
         b = compose(inner, make_scheduler(SCHED, "ddpm"), noise, 30, torch.Generator().manual_seed(2),
                     den=guided(inner, 3.0, null))
@@ -248,7 +249,7 @@ def test_a_committed_step_is_the_weighted_sum_bit_for_bit():
     instead of summed with zero weights for the others: the same bits as the sum."""
     n, sched = 256, make_scheduler(SCHED, "ddpm")
     dens = [Gaussian(m, sched.alphas_cumprod) for m in MEANS]
-    mix = Mixture(dens, ItoRouter(), PI.log().expand(n, 3), commit=0.5, generator=torch.Generator().manual_seed(1))
+    mix = Mixture(dens, ItoRouter(), PI.log().expand(n, 3), Sparsity(commit=0.5), generator=torch.Generator().manual_seed(1))
     checked = []
 
     def summed(x, t, cond):  # the mixture, and the weighted sum over every column it kept

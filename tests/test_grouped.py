@@ -10,7 +10,8 @@ from cdm.app import api
 from cdm.models.grouped import Group, grouped_joint, slot_rows
 from cdm.models.nets import build_unet
 from cdm.models.presets import text_unet_config, unet_config
-from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.sampling.pipeline import CDMPipeline
+from cdm.sampling.settings import SamplingSettings
 from cdm.store.registry import StoreError
 
 from .conftest import make_store
@@ -117,16 +118,19 @@ def test_grouped_sampling_equals_the_default_within_rounding(tmp_path, digits):
 
 
 def test_forgetting_drops_the_group_from_memory(tmp_path, digits, monkeypatch):
-    """A group holds copies of its models' weights: forgetting drops it with the models
-    (`loading.forget_unused_models`), and the next grouped pipeline builds a new one."""
-    from cdm.sampling import loading
+    """A group holds copies of its models' weights. After a forget their digests are no longer
+    live: the next load drops every entry holding them (no hook from forgetting into the
+    cache), and the next grouped pipeline builds a new group."""
+    from cdm.sampling.loading import MODELS
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "group").mkdir()  # a cache key is not a path, whatever the working directory holds
     s = make_store(tmp_path / "s", digits[:40], "iid:2")
     api.train(s)
     old = CDMPipeline.from_store(s, router="ito", grouped=True).group
-    assert any(k[0] == "group" for k in loading._UNETS)
+    assert any(k[1].startswith("group:") for k in MODELS.lru.keys())
+    gone = s.model("digits-0").digest
+    assert any(gone in k[2] for k in MODELS.lru.keys())
     api.forget(s, [s.items("digits-0")[0].hash])
-    assert not any(k[0] == "group" for k in loading._UNETS)
     assert CDMPipeline.from_store(s, router="ito", grouped=True).group is not old
+    assert not any(gone in k[2] for k in MODELS.lru.keys())  # neither the group nor the model itself

@@ -9,8 +9,9 @@ import pytest
 
 from cdm.app import api
 from cdm.store.data import load_builtin
-from cdm.errors import Forbidden
-from cdm.sampling.pipeline import CDMPipeline, PipelineCache, SamplingSettings
+from cdm.errors import DataError, Forbidden
+from cdm.sampling.pipeline import CDMPipeline, PipelineCache
+from cdm.sampling.settings import SamplingSettings
 from cdm.training.kinds import plan, saw
 from cdm.sampling.policy import Policy
 from cdm.store.registry import StoreError
@@ -125,7 +126,7 @@ def test_sparse_settings_through_the_api(trained):
     assert not np.array_equal(two.attribution, other.attribution)
     for bad, match in [(dict(subset=0), "subset must be"), (dict(subset=1.5), "subset must be"),
                        (dict(commit=2.0), "commit must be"), (dict(prune=-1.0), "prune must be")]:
-        with pytest.raises(StoreError, match=match):
+        with pytest.raises(DataError, match=match):  # bad arguments: a DataError (cdm.errors), exit 2 / HTTP 422
             api.sample(s, 2, steps=4, **bad)
 
 
@@ -155,7 +156,7 @@ def test_pipeline_cache_follows_the_registry_generation(trained, tmp_path, digit
     api.ingest(s, "late", digits[:5], "one")  # a registry change: pipelines of older generations are dropped
     assert s.generation() > gen
     b = cache.get(s, ["digits-0"], router="uniform")
-    assert b is not a and len(cache._pipes) == 1
+    assert b is not a and len(cache.lru) == 1
 
 
 def test_policy_is_resolved_by_the_pipeline(trained, tmp_path):

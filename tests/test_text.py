@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from cdm.app import api
 from cdm.store.data import DataError
 from cdm.training.forget import forget
-from cdm.sampling.pipeline import CDMPipeline, SamplingSettings
+from cdm.sampling.pipeline import CDMPipeline
+from cdm.sampling.settings import SamplingSettings
 from cdm.store.registry import StoreError
 from cdm.models.text import Prompts, TextEncoder, build_default, check_folder
 

@@ -27,7 +27,8 @@ from ..ingest.ingest import IngestResult, ingest  # noqa: F401 (re-exported)
 from ..sampling.loading import load_bank, load_unet  # noqa: F401 (re-exported)
 from ..models.nets import unet_class
 from ..models.presets import default_preset, unet_config
-from ..sampling.pipeline import ADAPTER_MODES, CDMPipeline, Generation, SamplingSettings  # noqa: F401 (re-exported)
+from ..sampling.pipeline import ADAPTER_MODES, CDMPipeline, Generation  # noqa: F401 (re-exported)
+from ..sampling.settings import SamplingSettings
 from ..training.kinds import build_job, model_state, train_plan  # noqa: F401 (re-exported)
 from ..sampling.policy import Policy, store_policy
 from ..store.recipes import (adapter_config, latent_config, model_seed, model_shape, null_label, router_config,  # noqa: F401

@@ -28,7 +28,8 @@ from ..training.executor import make_executor
 from ..training.forget import forget as run_forget
 from ..ingest.ingest import resize_items
 from ..models.presets import default_preset
-from ..sampling.pipeline import CDMPipeline, SamplingSettings
+from ..sampling.pipeline import CDMPipeline
+from ..sampling.settings import SamplingSettings
 from ..sampling.policy import Policy, new_key, set_store_policy, store_policy
 from .progress import training_progress
 from .report import write_samples

@@ -19,7 +19,8 @@ from rich.console import Console
 from . import api
 from ..evaluation.alignment import AlignConfig
 from ..evaluation.evaluate import EvalConfig, EvalReport, Evaluator, ExtractorConfig, evaluate_store
-from ..sampling.pipeline import CDMPipeline, SamplingSettings
+from ..sampling.pipeline import CDMPipeline
+from ..sampling.settings import SamplingSettings
 from .progress import training_progress
 from .report import grid, plot_weights, to_pil
 from ..sampling.routers import DEFAULT_ROUTER, ROUTER_SPECS

@@ -33,7 +33,8 @@ from ..store.data import BUILTINS, Item, load_builtin, to_tensor_array
 from ..ingest.folders import load_folder
 from ..ingest.ingest import resize_items
 from ..models.nets import FeatureNet
-from ..sampling.pipeline import CDMPipeline, SamplingSettings
+from ..sampling.pipeline import CDMPipeline
+from ..sampling.settings import SamplingSettings
 from ..training.kinds import model_state
 from ..store.recipes import text_config
 from ..store.registry import PARAGON, Store, StoreError, write_folder_once

@@ -42,5 +42,9 @@ class LRU:
         with self._lock:
             return list(self._items)
 
+    def values(self) -> list:
+        with self._lock:
+            return list(self._items.values())
+
     def __len__(self) -> int:
         return len(self._items)

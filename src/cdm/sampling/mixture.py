@@ -17,6 +17,7 @@ import torch
 
 from ..models.denoisers import Cond, Denoiser, cond_rows
 from .routers import Router, check_sampler, spec
+from .settings import Sparsity
 from .sampler import Step
 
 # all denoisers at once: (x, t, cond, keep (B, K) bool or None = all) -> eps (B, K, C, H, W), zero where not kept.
@@ -92,21 +93,15 @@ class Mixture:
     """
 
     def __init__(self, denoisers: list[Denoiser], router: Router, log_prior: torch.Tensor,
-                 prune: float | None = None, commit: float | None = None, generator: torch.Generator | None = None,
-                 num_train_timesteps: int = 1000, joint: Joint | None = None, subset: int | None = None,
-                 copies: int = 1):
+                 sparsity: Sparsity = Sparsity(), *, generator: torch.Generator | None = None,
+                 num_train_timesteps: int = 1000, joint: Joint | None = None, copies: int = 1):
         if log_prior.shape[1] != len(denoisers):
             raise ValueError(f"log_prior has {log_prior.shape[1]} columns for {len(denoisers)} denoisers")
         if not torch.isfinite(log_prior).any(dim=1).all():
             raise ValueError("every row needs at least one eligible compartment")
-        if prune is not None and not prune >= 0:
-            raise ValueError(f"prune must be a margin >= 0 (nats) or None, got {prune}")
-        if commit is not None and not 0 <= commit <= 1:
-            raise ValueError(f"commit must be a fraction of the trajectory in [0, 1] or None, got {commit}")
-        if subset is not None and not (isinstance(subset, int) and subset >= 1):
-            raise ValueError(f"subset must be a number of compartments >= 1 or None, got {subset!r}")
         if copies < 1 or log_prior.shape[0] % copies:
             raise ValueError(f"{log_prior.shape[0]} prior rows are not {copies} copies of the samples")
+        prune, commit, subset = sparsity.prune, sparsity.commit, sparsity.subset
         self.denoisers, self.router, self.spec, self.prune = denoisers, router, spec(router), prune
         self.joint = joint or separate(denoisers)
         self.subset, self.log_prior, self.copies = subset, log_prior, copies

@@ -15,8 +15,7 @@ benches all pass one.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -33,48 +32,12 @@ from ..training.kinds import model_state
 from .policy import Policy, store_policy
 from ..store.recipes import adapter_config, model_shape, null_label, text_config
 from .routers import DEFAULT_ROUTER, ROUTERS, check_sampler, spec
-from .sampler import SAMPLERS, make_scheduler, sample
+from .sampler import make_scheduler, sample
+from .settings import SamplingSettings
 from ..store.registry import BASE, PARAGON, ROUTER, NotReady, Store, StoreError
 from ..models.text import Prompts
 
 ADAPTER_MODES = ("merged", "loop", "joint")
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How to sample: every option of a call, in one place (the composition is the pipeline's).
-
-    `prune` (margin in nats), `commit` (fraction of the trajectory) and `subset` (compartments
-    per sample) make the composition sparse (cdm.mixture.Mixture); with all None every
-    compartment is evaluated. `batch_size` bounds the samples run at once (memory only: the
-    images do not depend on it)."""
-
-    steps: int = field(default=50, metadata={"help": "Sampling steps."})
-    guidance: float = field(default=2.0, metadata={"help": "Classifier-free guidance scale (1 = none)."})
-    sampler: str = field(default="ddpm", metadata={"help": "ddpm (ancestral) or ddim (deterministic)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the noise and of sparse routing's draws."})
-    prune: float | None = field(default=None, metadata={
-        "help": "Sparse routing: skip compartments this many nats below the leader (default: evaluate all)."})
-    commit: float | None = field(default=None, metadata={
-        "help": "Sparse routing: after this fraction of the steps, each sample continues with one compartment "
-                "drawn from its weights."})
-    subset: int | None = field(default=None, metadata={
-        "help": "Sparse routing: each sample composes this many compartments, drawn by their priors."})
-    batch_size: int = field(default=256, metadata={"help": "Most samples run at once (memory only).", "cli": False})
-
-    def check(self) -> None:
-        if self.guidance < 0 or not math.isfinite(self.guidance):
-            raise StoreError(f"guidance must be a finite number >= 0, got {self.guidance}")
-        if self.prune is not None and not self.prune >= 0:
-            raise StoreError(f"prune must be a margin >= 0 in nats, got {self.prune}")
-        if self.commit is not None and not 0 <= self.commit <= 1:
-            raise StoreError(f"commit must be a fraction of the trajectory in [0, 1], got {self.commit}")
-        if self.subset is not None and not (isinstance(self.subset, int) and self.subset >= 1):
-            raise StoreError(f"subset must be a number of compartments >= 1, got {self.subset!r}")
-        if self.sampler not in SAMPLERS:
-            raise StoreError(f"unknown sampler {self.sampler!r}; available: {', '.join(SAMPLERS)}")
-        if self.batch_size < 1:
-            raise StoreError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -208,7 +171,6 @@ class CDMPipeline:
         requests sampling at the same time (cdm.batching); the images do not depend on the company."""
         prompts = self._prompts(n, label, prompt)
         per_sample, lids = self._labels(n, label) if prompts is None else ([None] * n, None)
-        settings.check()
         if self.router is not None:
             try:
                 check_sampler(self.router, settings.sampler == "ddpm")
@@ -240,8 +202,9 @@ class CDMPipeline:
                 if cfg:
                     prior = torch.cat([prior, _log_prior(self.hist, self.names, None, b)])
                 joint = self.joint if batcher is None else batched_joint(batcher, self.denoisers, self.group)
-                den = mix = Mixture(self.denoisers, self.router, prior.to(dev), s.prune, s.commit, draws,
-                                    self.scheduler["num_train_timesteps"], joint, s.subset, copies=2 if cfg else 1)
+                den = mix = Mixture(self.denoisers, self.router, prior.to(dev), s.sparsity, generator=draws,
+                                    num_train_timesteps=self.scheduler["num_train_timesteps"], joint=joint,
+                                    copies=2 if cfg else 1)
             if cfg:
                 den = guided(den, s.guidance, self.cond.null(b, dev))
             with torch.inference_mode():

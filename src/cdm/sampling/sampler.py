@@ -14,7 +14,8 @@ from typing import Callable, Iterable
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-SAMPLERS = ("ddpm", "ddim")
+from .settings import SAMPLERS
+
 
 
 @dataclass(frozen=True)

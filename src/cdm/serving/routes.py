@@ -42,7 +42,8 @@ from ..sampling.batching import Batcher, sampler_thread
 from ..store.data import CAPTION_MAX, LABEL_MAX, NAME_RE, check_label
 from ..errors import CdmError, DataError
 from ..training.forget import forget
-from ..sampling.pipeline import PipelineCache, SamplingSettings
+from ..sampling.pipeline import PipelineCache
+from ..sampling.settings import SamplingSettings
 from ..sampling.policy import Policy, hash_key
 from ..store.recipes import text_config, train_config
 from ..sampling.routers import DEFAULT_ROUTER, ROUTER_SPECS, ROUTERS
