@@ -52,7 +52,7 @@ def main() -> None:
     k = 8
     tc = TrainConfig(preset="tiny" if q else "small", steps=steps, checkpoint_every=250)
     rc = RouterConfig(steps=steps)
-    cfg = EvalConfig(samples=args.samples or (100 if q else 1000), steps=10 if q else 25)
+    cfg = EvalConfig.with_sampling(samples=args.samples or (100 if q else 1000), steps=10 if q else 25)
     work = args.work / ("quick" if q else "full")
     shutil.rmtree(work / "cdm", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)

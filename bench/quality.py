@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from common import console, digits_store, emit, train
 
-from cdm.sampling.routers import ROUTER_SPECS
+from cdm.sampling.router_specs import ROUTER_SPECS
 from cdm.evaluation.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features, reference_items
 from cdm.store.registry import PARAGON
 from cdm.store.recipes import RouterConfig, TrainConfig
@@ -53,7 +53,7 @@ def main() -> None:
     preset = "tiny" if q else "small"
     tc = TrainConfig(preset=preset, steps=steps, checkpoint_every=250)
     rc = RouterConfig(steps=steps)
-    cfg = EvalConfig(samples=args.samples or (200 if q else 1000), steps=args.sample_steps or (10 if q else 25),
+    cfg = EvalConfig.with_sampling(samples=args.samples or (200 if q else 1000), steps=args.sample_steps or (10 if q else 25),
                      batch_size=500, attribution_samples=(50 if q else 500))
     ext = ExtractorConfig(steps=100 if q else 600)
     torch.set_num_threads(torch.get_num_threads())
@@ -120,7 +120,7 @@ def adapters_variant(args) -> None:
     preset = "tiny" if q else "small"
     tc = TrainConfig(preset=preset, steps=steps, checkpoint_every=250)
     rc = RouterConfig(steps=steps)
-    cfg = EvalConfig(samples=args.samples or (200 if q else 1000), steps=args.sample_steps or (10 if q else 25),
+    cfg = EvalConfig.with_sampling(samples=args.samples or (200 if q else 1000), steps=args.sample_steps or (10 if q else 25),
                      batch_size=500)
     ext = ExtractorConfig(steps=100 if q else 600)
     t_start = time.perf_counter()

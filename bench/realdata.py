@@ -123,7 +123,7 @@ def part_fashion(args, sizes: Sizes, work: Path) -> dict:
         train(s, paragon=name == "iid-8", router=name == "byclass-8")
         seconds[name] = round(time.perf_counter() - t0, 1)
         stores[name] = s
-    cfg = EvalConfig(samples=sizes.samples, steps=sizes.sample_steps, batch_size=500,
+    cfg = EvalConfig.with_sampling(samples=sizes.samples, steps=sizes.sample_steps, batch_size=500,
                      attribution_samples=sizes.samples // 2)
     feats = Features(stores["iid-8"], cfg=ExtractorConfig(steps=sizes.extractor_steps))
     # attribution accuracy asks whether the top compartment holds the sample's class: only by-class splits say something
@@ -156,7 +156,7 @@ def part_exposure(args, sizes: Sizes, work: Path) -> dict:
     """Memorization against epochs: CDM-8 compartments and the paragon at equal exposure."""
     items = fashion_items(replace(sizes, items=sizes.exposure_items), args.fashion)
     real = fashion_items(sizes, args.fashion, "test")
-    cfg = EvalConfig(samples=sizes.samples, steps=sizes.sample_steps, batch_size=500)
+    cfg = EvalConfig.with_sampling(samples=sizes.samples, steps=sizes.sample_steps, batch_size=500)
     rows, feats = [], None
     for e in sizes.epochs:
         tc = TrainConfig(preset=sizes.preset, steps=10 ** 6, epochs=e, min_steps=1, checkpoint_every=10 ** 6)

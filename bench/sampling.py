@@ -29,7 +29,7 @@ from common import console, digits_store, train
 from cdm.evaluation.evaluate import ExtractorConfig, Features, frechet_distance, reference_items
 from cdm.sampling.pipeline import CDMPipeline
 from cdm.sampling.settings import SamplingSettings
-from cdm.sampling.routers import ROUTER_SPECS
+from cdm.sampling.router_specs import ROUTER_SPECS
 from cdm.store.recipes import RouterConfig, TrainConfig
 
 ROUTERS = list(ROUTER_SPECS)  # ito, classifier, uniform

@@ -234,7 +234,7 @@ def main() -> None:
     pick = np.random.default_rng(0).choice(sorted(by_caption), min(sizes.samples, len(by_caption)), replace=False)
     seen = [by_caption[c] for c in pick]
     judge = owner_judge(train_items, sizes.judge_steps)
-    cfg = EvalConfig(samples=sizes.samples, steps=sizes.sample_steps, guidance=sizes.guidance, batch_size=250)
+    cfg = EvalConfig.with_sampling(samples=sizes.samples, steps=sizes.sample_steps, guidance=sizes.guidance, batch_size=250)
     rows, para_fid = [], None
 
     def score(label: str, s: Store, budget: str, steps: int, **run) -> None:

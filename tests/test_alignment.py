@@ -98,7 +98,7 @@ def test_eval_of_a_text_store_reports_alignment(tmp_path):
         (held / Path(t.origin).with_suffix(".txt").name).write_text(t.caption)
     real = reference_items(s, held)
     assert all(r.caption for r in real) and len(real) == 16
-    ev = Evaluator(s, real, EvalConfig(samples=16, steps=4, batch_size=16), align=AlignConfig(steps=100, batch_size=16))
+    ev = Evaluator(s, real, EvalConfig.with_sampling(samples=16, steps=4, batch_size=16), align=AlignConfig(steps=100, batch_size=16))
     assert ev.features.kind == "cdm-align"  # no labels: FID in the alignment model's image space
     para = ev.run("paragon", paragon=True)
     cdm = ev.run("cdm-2", ["ann", "bob"], "ito")
@@ -109,4 +109,4 @@ def test_eval_of_a_text_store_reports_alignment(tmp_path):
     table = rep.table()
     assert "R-precision" in table and "held-out images, own captions" in table and table.count("\n") == 5
     with pytest.raises(StoreError, match="captioned"):
-        Evaluator(s, [Item(t.pixels, None, t.origin) for t in real], EvalConfig(samples=4))
+        Evaluator(s, [Item(t.pixels, None, t.origin) for t in real], EvalConfig.with_sampling(samples=4))

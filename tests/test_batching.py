@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cdm.app import api
-from cdm.sampling.batching import Batcher, batched_joint, chunked, model_key, sampler_thread
+from cdm.sampling.batching import Batcher, BatchedJoint, chunked, model_key, sampler_thread
 from cdm.models.denoisers import unet_denoiser
 from cdm.models.grouped import Group
 from cdm.sampling.mixture import Routes
@@ -276,7 +276,7 @@ def test_routed_rows_give_the_same_bytes_as_the_joints_columns(grouped):
     x, t = torch.randn(7, 1, 8, 8, generator=gen), torch.randint(0, 1000, (7,), generator=gen)
     c, pick = torch.arange(7), torch.tensor([2, 0, 2, 2, 0, 2, 0])  # model 1 idle
     b = Batcher(chunk=4, group_chunk=2)
-    joint = batched_joint(b, dens, Group(unets) if grouped else None)
+    joint = BatchedJoint(b, dens, Group(unets) if grouped else None)
     with b.session(), torch.inference_mode():
         columns = joint(x, t, c, torch.nn.functional.one_hot(pick, 3).bool())[torch.arange(7), pick]
         routed = joint.routed(x, t, c, Routes.of(pick, 3))

@@ -45,7 +45,7 @@ def trained(tmp_path_factory, digits):
 
 
 def test_evaluator_scores_paragon_and_compositions(trained):
-    cfg = EvalConfig(samples=40, steps=4, batch_size=40, attribution_samples=20)
+    cfg = EvalConfig.with_sampling(samples=40, steps=4, batch_size=40, attribution_samples=20)
     rep = evaluate_store(trained, ["ito", "uniform"], cfg=cfg, extractor=FAST)
     assert [m.name for m in rep.results] == ["paragon", "cdm-2", "cdm-2"]
     for m in rep.results:

@@ -109,7 +109,23 @@ def test_executor_options_are_checked():
         make_executor("ray", device="cuda")
     with pytest.raises(ValueError, match="unknown executor"):
         make_executor("slurm")
-    assert torch.get_num_threads() >= 1
+
+
+def test_a_jobs_thread_count_is_its_own_and_the_callers_comes_back():
+    """`--threads N` trains each job on N threads (same threads => bit-identical weights) and
+    leaves the calling process's count as it was, also when the job fails."""
+    from cdm.training.executor import _threads
+
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    with _threads(other) as n:
+        assert n == other == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), _threads(other):
+        raise RuntimeError("a failing job")
+    assert torch.get_num_threads() == before
+    with _threads(None) as n:  # no --threads: the process's own count
+        assert n == before
 
 
 def test_ray_ships_the_base_of_adapter_compartments(tmp_path, digits, cluster):

@@ -190,7 +190,7 @@ def test_rgb_32px_store_trains_samples_and_forgets(tmp_path):
     api.train(s)
     g = api.sample(s, 3, "1", steps=3)
     assert g.images.shape == (3, 32, 32, 3) and g.images.dtype == np.uint8
-    rep = evaluate_store(s, real=root, cfg=EvalConfig(samples=8, steps=2, batch_size=8),
+    rep = evaluate_store(s, real=root, cfg=EvalConfig.with_sampling(samples=8, steps=2, batch_size=8),
                          extractor=ExtractorConfig(steps=5, batch_size=8))
     assert rep.features == "cdm-features" and [m.name for m in rep.results] == ["cdm-2"]
     assert np.isfinite(rep.results[0].fid) and 0 <= rep.results[0].memorized <= 1

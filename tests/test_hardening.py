@@ -28,7 +28,9 @@ from cdm.store.data import DataError, Item, load_builtin
 from cdm.ingest.folders import load_folder
 from cdm.training.forget import forget
 from cdm.sampling.policy import Policy, new_key
-from cdm.serving.routes import Deadline, Scheduler, ServeConfig, create_app
+from cdm.serving.admission import Admission, Deadline
+from cdm.serving.config import ServeConfig
+from cdm.serving.routes import create_app
 from cdm.store.registry import Store, StoreError
 
 from .conftest import make_store
@@ -257,7 +259,7 @@ def test_a_key_cannot_fill_the_queue(served):
 
 def test_scheduler_serves_keys_round_robin_and_never_loses_a_slot():
     async def main():
-        s, order, never = Scheduler(1, 8, 4), [], threading.Event()
+        s, order, never = Admission(1, 8, 4), [], threading.Event()
         far = time.monotonic() + 60
 
         async def waiter(key, deadline=far):
@@ -428,7 +430,8 @@ def test_a_policy_may_forbid_the_classifier_router(served, tmp_path):
 
 def test_router_names_and_needs_come_from_one_registry(served):
     from cdm.sampling.mixture import Mixture
-    from cdm.sampling.routers import ROUTER_SPECS, ROUTERS, ItoRouter
+    from cdm.sampling.router_specs import ROUTER_SPECS, ROUTERS
+    from cdm.sampling.routers import ItoRouter
     from cdm.sampling.sampler import make_scheduler, sample
 
     assert set(ROUTERS) == set(ROUTER_SPECS) == {"ito", "classifier", "uniform"}

@@ -20,7 +20,8 @@ from PIL import Image
 from cdm.app import api
 from cdm.store.data import load_builtin
 from cdm.sampling.policy import Policy, new_key
-from cdm.serving.routes import ServeConfig, create_app
+from cdm.serving.config import ServeConfig
+from cdm.serving.routes import create_app
 from cdm.store.registry import Store
 
 from .conftest import make_store
@@ -137,6 +138,12 @@ def test_isolation_outside_compartments_cannot_change_a_users_images(served, tmp
         r = c.post("/v1/generate", json=req, headers=H("alice"))
         assert r.status_code == 200 and all(np.array_equal(a, b) for a, b in zip(before, pngs(r)))
         assert c.post("/v1/generate", json=req, headers=H("bob")).status_code == 503  # bob's set is damaged
+    # a new server has no pipeline loaded: alice's composition is opened and checked again, and
+    # would fail here (503) if it read anything outside her compartments
+    with Server(create_app(tmp_path / "s", Policy.parse(POLICY), ServeConfig(max_n=8, max_steps=40))) as url, \
+            httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/generate", json=req, headers=H("alice"))
+        assert r.status_code == 200 and all(np.array_equal(a, b) for a, b in zip(before, pngs(r)))
 
 
 def test_queue_full_is_503_and_deadlines_are_504(served):

@@ -234,7 +234,8 @@ def test_served_prompts_stay_inside_the_policy(tmp_path, owners):
     import httpx
 
     from cdm.sampling.policy import Policy, new_key
-    from cdm.serving.routes import ServeConfig, create_app
+    from cdm.serving.config import ServeConfig
+    from cdm.serving.routes import create_app
 
     from .test_serve import Server, pngs
 

@@ -18,24 +18,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import api
-from ..store.data import BUILTINS, load_builtin
-from ..ingest.folders import file_item_id, load_folder
-from .demo import DemoConfig, run_demo
 from ..errors import CdmError, NotFound
-from ..evaluation.evaluate import EvalConfig, evaluate_store
-from ..training.executor import make_executor
-from ..training.forget import forget as run_forget
-from ..ingest.ingest import resize_items
+from ..ingest.folders import file_item_id, load_folder
 from ..models.presets import default_preset
-from ..sampling.pipeline import CDMPipeline
-from ..sampling.settings import SamplingSettings
 from ..sampling.policy import Policy, new_key, set_store_policy, store_policy
+from ..sampling.router_specs import DEFAULT_ROUTER, ROUTER_SPECS, router_help
+from ..sampling.settings import EVALUATION, SamplingSettings
+from ..serving.config import ServeConfig
+from ..store.data import BUILTINS, load_builtin
+from ..store.recipes import TrainConfig
+from ..store.registry import Store
+from . import api
 from .progress import training_progress
 from .report import write_samples
-from ..sampling.routers import DEFAULT_ROUTER, ROUTER_SPECS, router_help
-from ..store.registry import Store
-from ..store.recipes import TrainConfig
+
+# Only modules that do not import torch or diffusers are imported above (tests/test_imports.py);
+# the rest is reached through `api`, which imports a name's layer when a command first uses it.
 
 app = typer.Typer(help="Compartmentalized Diffusion Models: one diffusion model per data compartment, "
                        "composed at sampling time.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -127,7 +125,7 @@ def ingest(store: Path, source: str = typer.Option(..., help="Name of the data o
         if builtin is not None:
             items = load_builtin(builtin, "train", path)
             if resize:
-                items = resize_items(items, cfg.image_size, cfg.channels)
+                items = api.resize_items(items, cfg.image_size, cfg.channels)
         else:
             items = load_folder(folder, cfg.image_size, cfg.channels, resize, follow_symlinks, caption_column,
                                 label_column)
@@ -162,7 +160,7 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
           json_out: bool = typer.Option(False, "--json")) -> None:
     """Train every compartment without an up-to-date model; resumes interrupted work."""
     with _open(store) as s:
-        ex = make_executor(executor, device, threads, address, gpus_per_job)
+        ex = api.make_executor(executor, device, threads, address, gpus_per_job)
         before = (api.train_config(s).steps, api.router_config(s).steps, api.train_config(s).epochs)
         prog, cb = training_progress(err)
         with prog:
@@ -246,29 +244,36 @@ def text(store: Path, encoder: Optional[Path] = typer.Option(None, help="Folder 
                       f"{t.max_length} tokens, width {t.dim})")
 
 
-def sampling_options(fn):
-    """Give a command one --option per `SamplingSettings` field (its default, type and help come
-    from the dataclass); the command receives them as `settings`."""
-    hints = typing.get_type_hints(SamplingSettings)
+def options(cls, param: str, only: tuple[str, ...] | None = None, base=None):
+    """Give a command one --option per field of the dataclass `cls` (type, default and help come
+    from the field; defaults from `base` where given); the command receives the instance as
+    `param`. Fields whose metadata says `cli: False`, or not in `only`, are left out."""
+    hints = typing.get_type_hints(cls)
+    base = base or cls()
     extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                               annotation=Optional[typing.get_args(hints[f.name])[0]] if f.default is None
+                               annotation=Optional[typing.get_args(hints[f.name])[0]] if getattr(base, f.name) is None
                                else hints[f.name],
-                               default=typer.Option(f.default, help=f.metadata.get("help")))
-             for f in dataclasses.fields(SamplingSettings) if f.metadata.get("cli", True)]
-    sig = inspect.signature(fn)
+                               default=typer.Option(getattr(base, f.name), help=f.metadata.get("help")))
+             for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and (only is None or f.name in only)]
 
-    @functools.wraps(fn)
-    def command(**kwargs):
-        settings = SamplingSettings(**{p.name: kwargs.pop(p.name) for p in extra})
-        return fn(**kwargs, settings=settings)
+    def decorate(fn):
+        sig = inspect.signature(fn)
 
-    command.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "settings"]
-                                        + extra)
-    return command
+        @functools.wraps(fn)
+        def command(**kwargs):
+            with _errors():  # bad values are reported like every other error
+                made = dataclasses.replace(base, **{p.name: kwargs.pop(p.name) for p in extra})
+            return fn(**kwargs, **{param: made})
+
+        command.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != param]
+                                            + extra)
+        return command
+
+    return decorate
 
 
 @app.command()
-@sampling_options
+@options(SamplingSettings, "settings")
 def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."),
            label: Optional[str] = typer.Option(None, help="Class label (default: unconditional)."),
            prompt: Optional[str] = typer.Option(None, help="Prompt of every sample (text-conditioned stores)."),
@@ -300,7 +305,7 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
             if not lines:
                 _fail(f"prompts file {prompts} holds no prompt")
             asked = [p for p in lines for _ in range(n)]
-        pipe = CDMPipeline.from_store(s, allowed, user=user, policy=Policy.load(policy) if policy else None,
+        pipe = api.CDMPipeline.from_store(s, allowed, user=user, policy=Policy.load(policy) if policy else None,
                                       router=router, paragon=paragon, adapter_mode=adapter_mode, grouped=grouped,
                                       device=device)
         g = pipe(len(asked) if isinstance(asked, list) else n, label, settings, prompt=asked)
@@ -356,9 +361,8 @@ def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command("eval")
+@options(SamplingSettings, "sampling", only=("steps", "guidance", "seed"), base=EVALUATION)
 def eval_cmd(store: Path, samples: int = typer.Option(1000, help="Samples per model (1000+ separates models)."),
-             steps: int = typer.Option(50, help="Sampling steps."),
-             guidance: float = typer.Option(1.0, help="Classifier-free guidance scale."),
              router: list[str] = typer.Option([DEFAULT_ROUTER], help=f"Routers to score (repeatable): {', '.join(ROUTER_SPECS)}."),
              allow: Optional[str] = typer.Option(None, help="Comma-separated compartments (default: all)."),
              paragon: Optional[bool] = typer.Option(None, "--paragon/--no-paragon", help="Score the paragon (default: when trained)."),
@@ -368,21 +372,21 @@ def eval_cmd(store: Path, samples: int = typer.Option(1000, help="Samples per mo
                                                             "for R-precision and CLIP score (default: cdm's own "
                                                             "alignment model, trained on the held-out pairs)."),
              attribution: int = typer.Option(0, help="Unconditional samples for attribution accuracy (by-class splits)."),
-             seed: int = typer.Option(1), device: str = typer.Option("cpu"),
-             json_out: bool = typer.Option(False, "--json")) -> None:
+             device: str = typer.Option("cpu"), json_out: bool = typer.Option(False, "--json"),
+             sampling: SamplingSettings = EVALUATION) -> None:
     """FID against held-out images (beside the real-vs-real floor), conditional accuracy, memorization."""
     with _open(store) as s:
-        if samples < 2 or steps < 1:
-            _fail("--samples must be >= 2 and --steps >= 1")
+        if samples < 2:
+            _fail("--samples must be >= 2")
         allowed = None if allow is None else [a.strip() for a in allow.split(",") if a.strip()]
-        cfg = EvalConfig(samples=samples, steps=steps, guidance=guidance, seed=seed, attribution_samples=attribution)
+        cfg = api.EvalConfig(samples=samples, sampling=sampling, attribution_samples=attribution)
         with err.status("evaluating") as st:
-            rep = evaluate_store(s, router, paragon, allowed, cfg, real, inception, device,
+            rep = api.evaluate_store(s, router, paragon, allowed, cfg, real, inception, device,
                                  log=lambda m: st.update(m), clip=clip)
     _emit(rep.to_dict(), json_out)
     if not json_out:
         out.print(f"reference: {rep.reference} (held-out), features: {rep.features}, {samples} samples, "
-                  f"{steps} steps, guidance {guidance}")
+                  f"{sampling.steps} steps, guidance {sampling.guidance}")
         out.print(rep.table(), soft_wrap=True)
 
 
@@ -397,30 +401,15 @@ def key(user: str = typer.Option(..., help="Whose key (for the hint printed)."),
 
 
 @app.command()
+@options(ServeConfig, "config")
 def serve(store: Path, policy: Path = typer.Option(..., help="Policy TOML: users, their compartments, key hashes."),
           host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
-          max_n: int = typer.Option(16, help="Most images per request."),
-          max_steps: int = typer.Option(100, help="Most sampler steps per request."),
-          workers: int = typer.Option(8, help="Requests sampled at once; their model calls are batched together."),
-          queue: int = typer.Option(8, help="Requests waiting beyond those (more get 503)."),
-          per_key: int = typer.Option(4, help="Requests one API key may have running or waiting (more get 429)."),
-          chunk: int = typer.Option(16, help="Rows of every batched model call (fixed, so that a request's images "
-                                             "do not depend on what it was batched with)."),
-          grouped: bool = typer.Option(False, help="Compartments' model calls in one wide call of all of them: "
-                                                   "more images/s with many small models, equal to separate calls "
-                                                   "within float rounding."),
-          group_chunk: int = typer.Option(8, help="With --grouped: rows of each slot of a wide call (one slot per compartment, each round given to those with the most rows waiting)."),
-          device: str = typer.Option("cpu")) -> None:
+          config: ServeConfig = ServeConfig()) -> None:
     """Serve compositions over HTTP, each API key limited to its user's compartments (docs at /docs)."""
     import uvicorn  # the HTTP stack (FastAPI, uvicorn) loads for `cdm serve` only: +0.7 s on every other command
 
-    from ..serving.routes import ServeConfig, create_app
-
     with _errors():
-        app_ = create_app(store, Policy.load(policy), ServeConfig(max_n=max_n, max_steps=max_steps, workers=workers,
-                                                                 queue=queue, per_key=per_key, device=device,
-                                                                 chunk=chunk, grouped=grouped,
-                                                                 group_chunk=group_chunk))
+        app_ = api.create_app(store, Policy.load(policy), config)
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
@@ -440,10 +429,10 @@ def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Ite
     """Forget items, a source or a compartment exactly: retrain only what saw them, from the slice before."""
     with _open(store) as s:
         items = [*(item or []), *(_item_of_file(s, f) for f in file or [])]
-        ex = make_executor(executor, device, threads, address, gpus_per_job)
+        ex = api.make_executor(executor, device, threads, address, gpus_per_job)
         prog, cb = training_progress(err)
         with prog:
-            r = run_forget(s, items or None, source, compartment, retrain, device, cb, executor=ex)
+            r = api.forget(s, items or None, source, compartment, retrain, device, cb, executor=ex)
     _emit(asdict(r), json_out)
     if not json_out:
         out.print(f"forgot {len(r.items)} item(s)" + (f", dropped {', '.join(r.dropped)}" if r.dropped else ""))
@@ -541,12 +530,12 @@ def demo(out_dir: Path = typer.Option(Path("cdm-demo"), "--out", help="Store, sa
          preset: Optional[str] = typer.Option(None, hidden=True),
          samples_per_label: Optional[int] = typer.Option(None, hidden=True)) -> None:
     """The whole story on the embedded digits: ingest, train, compose, attribute, report."""
-    cfg = DemoConfig.quick() if quick else DemoConfig()
+    cfg = api.DemoConfig.quick() if quick else api.DemoConfig()
     overrides = {k: v for k, v in dict(steps=steps, preset=preset, samples_per_label=samples_per_label).items()
                  if v is not None}
     overrides["text"] = text
     with _errors():
-        report = run_demo(out_dir, cfg.replace(**overrides), device, err)
+        report = api.run_demo(out_dir, cfg.replace(**overrides), device, err)
     out.print(f"report: [bold]{report}[/]")
 
 

@@ -23,7 +23,7 @@ from ..sampling.pipeline import CDMPipeline
 from ..sampling.settings import SamplingSettings
 from .progress import training_progress
 from .report import grid, plot_weights, to_pil
-from ..sampling.routers import DEFAULT_ROUTER, ROUTER_SPECS
+from ..sampling.router_specs import DEFAULT_ROUTER, ROUTER_SPECS
 from ..store.registry import Store
 from ..store.recipes import RouterConfig, TrainConfig
 
@@ -103,7 +103,7 @@ def run_demo(out: Path, cfg: DemoConfig, device: str = "cpu", console: Console |
         t = time.perf_counter()
         with console.status("evaluating") as st:
             ev = evaluate_store(store, list(ROUTER_SPECS), True, None,
-                                EvalConfig(samples=cfg.eval_samples, steps=cfg.eval_steps, seed=cfg.seed + 1),
+                                EvalConfig.with_sampling(samples=cfg.eval_samples, steps=cfg.eval_steps, seed=cfg.seed + 1),
                                 device=device, log=st.update, extractor=ExtractorConfig(steps=cfg.extractor_steps))
         timings["eval"] = time.perf_counter() - t
         text = _text_part(out, cfg, device, console) if cfg.text else []
@@ -144,7 +144,7 @@ def _text_part(out: Path, cfg: DemoConfig, device: str, console: Console) -> lis
                 gens[title] = pipe(len(prompts), settings=cfg.sampling(), prompt=prompts)
         with console.status("evaluating with prompts"):
             ev = Evaluator(store, _captioned(api.load_builtin("digits", "test")),
-                           EvalConfig(samples=cfg.eval_samples, steps=cfg.eval_steps, seed=cfg.seed + 1), device=device,
+                           EvalConfig.with_sampling(samples=cfg.eval_samples, steps=cfg.eval_steps, seed=cfg.seed + 1), device=device,
                            extractor=ExtractorConfig(steps=cfg.extractor_steps), align=AlignConfig(steps=cfg.align_steps))
             results = [ev.run("paragon", paragon=True), ev.run(f"cdm-{len(store.compartments())}", router="ito")]
             rep = EvalReport("digits (captioned)", ev.features.kind, ev.cfg, ev.floor(), results,

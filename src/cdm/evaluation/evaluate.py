@@ -34,7 +34,7 @@ from ..ingest.folders import load_folder
 from ..ingest.ingest import resize_items
 from ..models.nets import FeatureNet
 from ..sampling.pipeline import CDMPipeline
-from ..sampling.settings import SamplingSettings
+from ..sampling.settings import EVALUATION, SamplingSettings
 from ..training.kinds import model_state
 from ..store.recipes import text_config
 from ..store.registry import PARAGON, Store, StoreError, write_folder_once
@@ -53,16 +53,28 @@ class ExtractorConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     samples: int = 1000
-    steps: int = 50  # sampler steps
-    guidance: float = 1.0
-    seed: int = 1
-    batch_size: int = 500
+    sampling: SamplingSettings = EVALUATION  # the unguided model by default, its own seed, large batches
     alpha: float = 0.5  # Carlini et al. relative criterion
     neighbours: int = 50
     attribution_samples: int = 0  # unconditional samples for attribution accuracy (0: skip)
 
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(steps=self.steps, guidance=self.guidance, seed=self.seed, batch_size=self.batch_size)
+    @classmethod
+    def with_sampling(cls, samples: int = 1000, attribution_samples: int = 0, **sampling) -> "EvalConfig":
+        """`samples` per model, sampled with the evaluation's defaults changed by `sampling`
+        (SamplingSettings fields: steps, guidance, seed, batch_size, ...)."""
+        return cls(samples=samples, sampling=replace(cls.sampling, **sampling), attribution_samples=attribution_samples)
+
+    @property
+    def seed(self) -> int:
+        return self.sampling.seed
+
+    def record(self) -> dict:
+        """As the report records it: one flat dict (the sampling options that differ from the
+        defaults beyond steps, guidance, seed and batch size are listed only when set)."""
+        s, plain = self.sampling, SamplingSettings()
+        extra = {k: getattr(s, k) for k in ("sampler", "prune", "commit", "subset") if getattr(s, k) != getattr(plain, k)}
+        return dict(samples=self.samples, steps=s.steps, guidance=s.guidance, seed=s.seed, batch_size=s.batch_size,
+                    alpha=self.alpha, neighbours=self.neighbours, attribution_samples=self.attribution_samples, **extra)
 
 
 @dataclass
@@ -252,7 +264,7 @@ class Evaluator:
     def run(self, name: str, allow: list[str] | None = None, router: str = "ito", paragon: bool = False,
             settings: SamplingSettings | None = None) -> Metrics:
         """Score one composition (or the paragon); `settings` default to the config's (`EvalConfig.sampling`)."""
-        cfg, store, settings = self.cfg, self.store, settings or self.cfg.sampling()
+        cfg, store, settings = self.cfg, self.store, settings or self.cfg.sampling
         comps = [PARAGON] if paragon else (sorted(allow) if allow else sorted(store.compartments()))
         hist = store.label_counts()
         present = sorted({lid for c in (hist if paragon else comps) for lid, k in hist.get(c, {}).items()
@@ -294,7 +306,7 @@ class Evaluator:
     def attribution_accuracy(self, pipe: CDMPipeline) -> float:
         """Unconditional samples: is the top-attributed compartment one holding the sample's label?"""
         cfg, hist = self.cfg, self.store.label_counts()
-        gen = pipe(cfg.attribution_samples, None, replace(cfg.sampling(), guidance=1.0, seed=cfg.seed + 1))
+        gen = pipe(cfg.attribution_samples, None, replace(cfg.sampling, guidance=1.0, seed=cfg.seed + 1))
         _, preds = self.features(gen.images)
         top = [gen.compartments[i] for i in gen.attribution.argmax(1)]
         return float(np.mean([hist.get(c, {}).get(int(p), 0) > 0 for c, p in zip(top, preds)]))
@@ -342,7 +354,7 @@ class EvalReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(asdict(self), config=self.config.record())
 
 
 def evaluate_store(store: Store, routers: list[str] = ("ito",), paragon: bool | None = None,

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .denoisers import cond_rows, unet_inputs
+from .denoisers import Keyed, cond_rows, unet_inputs
 
 
 class PromptModel(torch.nn.Module):
@@ -145,8 +145,7 @@ class AdapterBank:
         def eps(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
             return self.forward(x, t, cond, [name] * x.shape[0])
 
-        eps.key = (self, name)  # calls on the same adapter may share a batch (cdm.batching)
-        return eps
+        return Keyed(eps, (self, name))  # calls on the same adapter may share a batch (cdm.sampling.batching)
 
     def joint(self, names: list[str]):
         """eps of every (row, adapter) pair marked in `keep` (rows, K), in one batched call."""

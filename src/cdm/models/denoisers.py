@@ -5,19 +5,53 @@
 `x` is (B, C, H, W), `t` a (B,) long tensor of training timesteps, and `cond` whatever
 the model is conditioned on, batch first: a (B,) long tensor of class-label ids (the
 null id for "no label"), or a dict of tensors: {"text": (B, L, D)} prompt embeddings in a
-text-conditioned store (cdm.text; the empty prompt is the null condition). A composition of denoisers (`cdm.mixture.Mixture`) and classifier-free guidance
-(`guided`) are themselves denoisers, so they nest (docs/architecture.md, "Sampling").
+text-conditioned store (cdm.models.text; the empty prompt is the null condition). A
+composition of denoisers (cdm.sampling.mixture.Mixture) and classifier-free guidance
+(`guided`) are themselves denoisers, so they nest (docs/architecture.md, "Data flow").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Protocol, Union, runtime_checkable
 
 import torch
 
 Cond = Union[torch.Tensor, dict]  # batch-first tensor, or a dict of batch-first tensors
-Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+
+class Denoiser(Protocol):
+    """The calling convention: eps = denoiser(x, t, cond)."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor: ...
+
+
+class Joint(Protocol):
+    """All of a mixture's denoisers at once: eps (B, K, C, H, W) for `keep` (B, K) bool (None:
+    every denoiser on every row), zero where not kept."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class RoutedJoint(Protocol):
+    """A joint that can also send each row through its one denoiser (a committed mixture;
+    `routes` is a cdm.sampling.mixture.Routes): eps (B, C, H, W)."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor: ...
+
+    def routed(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, routes) -> torch.Tensor: ...
+
+
+class Keyed:
+    """A denoiser with a batching key: calls of denoisers with the same `key` (the same
+    weights) may share one batch (cdm.sampling.batching)."""
+
+    def __init__(self, fn: Denoiser, key):
+        self.fn, self.key = fn, key
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.fn(x, t, cond)
 
 
 def cond_cat(*conds: Cond) -> Cond:
@@ -71,14 +105,33 @@ def unet_inputs(cond: Cond) -> dict:
     return {"encoder_hidden_states": cond["text"]} if isinstance(cond, dict) else {"class_labels": cond}
 
 
-def unet_denoiser(unet) -> Denoiser:
-    """A diffusers UNet (class- or text-conditioned) under the calling convention."""
+def unet_denoiser(unet) -> Keyed:
+    """A diffusers UNet (class- or text-conditioned) under the calling convention; calls on
+    the same model may share a batch."""
 
     def eps(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return unet(x, t, **unet_inputs(cond)).sample
 
-    eps.key = unet  # calls on the same model may share a batch (cdm.batching)
-    return eps
+    return Keyed(eps, unet)
+
+
+def separate(denoisers: list[Denoiser]) -> Joint:
+    """All denoisers at once by calling each in turn: on every row (keep None), or on just
+    the rows `keep` marks for it (zero elsewhere)."""
+
+    def run(x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
+        if keep is None:
+            return torch.stack([d(x, t, cond) for d in denoisers], dim=1)  # (B, K, C, H, W)
+        eps = x.new_zeros((x.shape[0], len(denoisers), *x.shape[1:]))
+        for k, d in enumerate(denoisers):
+            rows = keep[:, k].nonzero().flatten()
+            if len(rows) == len(x):
+                eps[:, k] = d(x, t, cond)
+            elif len(rows):
+                eps[rows, k] = d(x[rows], t[rows], cond_rows(cond, rows))
+        return eps
+
+    return run
 
 
 def guided(denoiser: Denoiser, scale: float, null: Cond) -> Denoiser:

@@ -35,8 +35,7 @@ from diffusers.models.unets.unet_2d_blocks import (AttnDownBlock2D, AttnUpBlock2
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from .denoisers import Cond, cond_rows, padded
-from ..sampling.mixture import separate
+from .denoisers import Cond, cond_rows, padded, separate
 
 SLOT_ROWS = 2  # one more slot costs about as much as two more rows in it (bench/grouped_calls.py, CPU)
 CACHED_SUBSETS = 8  # stacked weights of this many recent slot lists are kept

@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.denoisers import Cond, Denoiser, cond_cat, cond_rows, fixed_chunks
+from ..models.denoisers import Cond, Denoiser, Keyed, cond_cat, cond_rows, fixed_chunks
 
 
 def model_key(denoiser: Denoiser):
     """What identifies a denoiser's weights: calls with the same key may share a batch."""
-    return getattr(denoiser, "key", denoiser)
+    return denoiser.key if isinstance(denoiser, Keyed) else denoiser
 
 
 def chunked(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Cond, chunk: int) -> torch.Tensor:
@@ -276,42 +276,42 @@ class Batcher:
                 done.append((c, c.parts[0] if len(c.parts) == 1 else torch.cat(c.parts)))
 
 
-def batched_joint(batcher: Batcher, denoisers: list[Denoiser], group=None):
-    """A mixture's `joint` (cdm.mixture.Joint) that sends its calls through `batcher`: every
-    compartment's rows of one step go in one round; with `group` (a cdm.grouped.Group of the
-    denoisers' models, in order), in the group's wide calls."""
+class BatchedJoint:
+    """A mixture's joint (cdm.models.denoisers.RoutedJoint) that sends its calls through
+    `batcher`: every compartment's rows of one step go in one round; with `group` (a
+    cdm.models.grouped.Group of the denoisers' models, in order), in the group's wide calls."""
 
-    def slot(k: int) -> tuple:  # where model k's calls run: the group's wide calls, or its own
-        return () if group is None else ((group, k),)
+    def __init__(self, batcher: Batcher, denoisers: list[Denoiser], group=None):
+        self.batcher, self.denoisers, self.group = batcher, denoisers, group
 
-    def run(x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
+    def _slot(self, k: int) -> tuple:  # where model k's calls run: the group's wide calls, or its own
+        return () if self.group is None else ((self.group, k),)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
         calls, cols = [], []
-        for k in range(len(denoisers)) if keep is None else keep.any(0).nonzero().flatten().tolist():
+        for k in range(len(self.denoisers)) if keep is None else keep.any(0).nonzero().flatten().tolist():
             if keep is None:
-                calls.append((denoisers[k], x, t, cond, *slot(k)))
+                calls.append((self.denoisers[k], x, t, cond, *self._slot(k)))
                 cols.append((k, slice(None)))
                 continue
             rows = keep[:, k].nonzero().flatten()
-            calls.append((denoisers[k], x[rows], t[rows], cond_rows(cond, rows), *slot(k)))
+            calls.append((self.denoisers[k], x[rows], t[rows], cond_rows(cond, rows), *self._slot(k)))
             cols.append((k, rows))
-        out = x.new_zeros((x.shape[0], len(denoisers), *x.shape[1:]))
-        for (k, rows), eps in zip(cols, batcher.run(calls)):
+        out = x.new_zeros((x.shape[0], len(self.denoisers), *x.shape[1:]))
+        for (k, rows), eps in zip(cols, self.batcher.run(calls)):
             out[rows, k] = eps
         return out
 
-    def routed(x: torch.Tensor, t: torch.Tensor, cond: Cond, routes) -> torch.Tensor:
-        """Each row through its one denoiser (cdm.mixture.Routes): the same calls as `run`
-        makes for a one-hot `keep`, so the same bytes, with fewer small ops around them."""
+    def routed(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, routes) -> torch.Tensor:
+        """Each row through its one denoiser (cdm.sampling.mixture.Routes): the same calls as
+        a one-hot `keep` makes, so the same bytes, with fewer small ops around them."""
         xs, ts, cs, calls, at = x[routes.order], t[routes.order], cond_rows(cond, routes.order), [], 0
         for k, n in enumerate(routes.counts):
             if n:
                 rows = slice(at, at + n)
-                calls.append((denoisers[k], xs[rows], ts[rows], cond_rows(cs, rows), *slot(k)))
+                calls.append((self.denoisers[k], xs[rows], ts[rows], cond_rows(cs, rows), *self._slot(k)))
                 at += n
-        return torch.cat(batcher.run(calls))[routes.back]
-
-    run.routed = routed
-    return run
+        return torch.cat(self.batcher.run(calls))[routes.back]
 
 
 def batched(batcher: Batcher, denoiser: Denoiser) -> Denoiser:

@@ -11,20 +11,14 @@ routes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from ..models.denoisers import Cond, Denoiser, cond_rows
-from .routers import Router, check_sampler, spec
+from ..models.denoisers import Cond, Denoiser, Joint, RoutedJoint, separate
+from .router_specs import check_sampler, router_spec
+from .routers import Router
 from .settings import Sparsity
 from .sampler import Step
-
-# all denoisers at once: (x, t, cond, keep (B, K) bool or None = all) -> eps (B, K, C, H, W), zero where not kept.
-# A joint may also have `.routed(x, t, cond, routes) -> eps (B, C, H, W)`: each row through its one
-# denoiser (`Routes`), for a committed mixture; without it the mixture picks the columns out.
-Joint = Callable[[torch.Tensor, torch.Tensor, Cond, "torch.Tensor | None"], torch.Tensor]
-
 
 @dataclass(frozen=True)
 class Routes:
@@ -40,25 +34,6 @@ class Routes:
     def of(cls, pick: torch.Tensor, k: int) -> "Routes":
         order = torch.argsort(pick, stable=True)
         return cls(pick, order, torch.bincount(pick, minlength=k).tolist(), torch.argsort(order))
-
-
-def separate(denoisers: list[Denoiser]) -> Joint:
-    """All denoisers at once by calling each in turn: on every row (keep None), or on just
-    the rows `keep` marks for it (zero elsewhere)."""
-
-    def run(x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None) -> torch.Tensor:
-        if keep is None:
-            return torch.stack([d(x, t, cond) for d in denoisers], dim=1)  # (B, K, C, H, W)
-        eps = x.new_zeros((x.shape[0], len(denoisers), *x.shape[1:]))
-        for k, d in enumerate(denoisers):
-            rows = keep[:, k].nonzero().flatten()
-            if len(rows) == len(x):
-                eps[:, k] = d(x, t, cond)
-            elif len(rows):
-                eps[rows, k] = d(x[rows], t[rows], cond_rows(cond, rows))
-        return eps
-
-    return run
 
 
 class Mixture:
@@ -102,7 +77,7 @@ class Mixture:
         if copies < 1 or log_prior.shape[0] % copies:
             raise ValueError(f"{log_prior.shape[0]} prior rows are not {copies} copies of the samples")
         prune, commit, subset = sparsity.prune, sparsity.commit, sparsity.subset
-        self.denoisers, self.router, self.spec, self.prune = denoisers, router, spec(router), prune
+        self.denoisers, self.router, self.router_spec, self.prune = denoisers, router, router_spec(router), prune
         self.joint = joint or separate(denoisers)
         self.subset, self.log_prior, self.copies = subset, log_prior, copies
         self.samples = log_prior.shape[0] // copies  # rows of one copy
@@ -121,7 +96,7 @@ class Mixture:
         return self.prune is not None or self.commit_t is not None or self.subset is not None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        if self.committed and hasattr(self.joint, "routed"):  # each row through its one model
+        if self.committed and isinstance(self.joint, RoutedJoint):  # each row through its one model
             self.last_weights = self.active.to(torch.float64)
             self.evaluations += len(x)
             return self.joint.routed(x, t, cond, self.routes) + 0.0  # (+ 0.0: as below)
@@ -153,7 +128,7 @@ class Mixture:
         if self.prune is not None:
             logw = torch.log(w)
             keep &= logw >= logw.max(dim=1, keepdim=True).values - self.prune
-        if self.spec.stateful:  # sticky: a dropped density cannot be tracked again
+        if self.router_spec.stateful:  # sticky: a dropped density cannot be tracked again
             keep &= self.active
         cut = (keep != (w > 0)).any(dim=1, keepdim=True)  # rows that lost a compartment: renormalise
         masked = torch.where(keep, w, 0.0)
@@ -184,16 +159,16 @@ class Mixture:
         check_sampler(self.router, step.stochastic)
         self.trace.append(self.last_weights[:self.samples].cpu())
         if self.committed:  # each sample runs one model from here on: its weights stay one-hot
-            if self.spec.stateful and not self._dropped:  # its other densities are dropped, once
+            if self.router_spec.stateful and not self._dropped:  # its other densities are dropped, once
                 self.state, self._dropped = torch.where(self.active, self.state, -torch.inf), True
             return
         x, eps = self._last
         x_prev = step.x_prev.repeat(self.copies, *([1] * (step.x_prev.dim() - 1)))  # every copy moved alike
         self.state = self.router.update(self.state, x, x_prev, eps, step.alpha_bar, step.alpha_bar_prev)
-        if self.sparse and self.spec.stateful:
+        if self.sparse and self.router_spec.stateful:
             self.state = torch.where(self.active, self.state, -torch.inf)
 
     def final_weights(self) -> torch.Tensor:
         """Weights of the first copy's rows after the last step (for `ito`, they describe x_0)."""
-        w = torch.softmax(self.state, dim=1) if self.spec.stateful else self.last_weights
+        w = torch.softmax(self.state, dim=1) if self.router_spec.stateful else self.last_weights
         return w[:self.samples]

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .batching import Batcher, batched, batched_joint
+from .batching import Batcher, batched, BatchedJoint
 from ..store.data import to_uint8_images
 from ..models.denoisers import ClassLabels, guided, unet_denoiser
 from ..models.grouped import Group, grouped_joint
@@ -31,7 +31,8 @@ from .mixture import Mixture
 from ..training.kinds import model_state
 from .policy import Policy, store_policy
 from ..store.recipes import adapter_config, model_shape, null_label, text_config
-from .routers import DEFAULT_ROUTER, ROUTERS, check_sampler, spec
+from . import routers
+from .router_specs import DEFAULT_ROUTER, ROUTERS, check_sampler, router_spec
 from .sampler import make_scheduler, sample
 from .settings import SamplingSettings
 from ..store.registry import BASE, PARAGON, ROUTER, NotReady, Store, StoreError
@@ -152,9 +153,9 @@ class CDMPipeline:
 
     @staticmethod
     def _router(store: Store, name: str, names: list[str], device: str):
-        s = spec(name)
+        s = router_spec(name)
         if not s.trained:
-            return s.cls()
+            return getattr(routers, s.cls)()
         state = model_state(store, ROUTER)
         if state != "ready":
             raise NotReady(f"the classifier router is {'not trained' if state == 'missing' else 'stale (the data changed)'}"
@@ -201,7 +202,7 @@ class CDMPipeline:
                     prior = torch.cat([each[c] for c in lids[start:start + b]])
                 if cfg:
                     prior = torch.cat([prior, _log_prior(self.hist, self.names, None, b)])
-                joint = self.joint if batcher is None else batched_joint(batcher, self.denoisers, self.group)
+                joint = self.joint if batcher is None else BatchedJoint(batcher, self.denoisers, self.group)
                 den = mix = Mixture(self.denoisers, self.router, prior.to(dev), s.sparsity, generator=draws,
                                     num_train_timesteps=self.scheduler["num_train_timesteps"], joint=joint,
                                     copies=2 if cfg else 1)
@@ -269,6 +270,19 @@ def _log_prior(hist: dict, names: list[str], lid: int | None, rows: int) -> torc
                            for c in names], dtype=torch.float64)
     lp = torch.where(counts > 0, torch.log(counts / counts.sum()), -torch.inf)
     return lp.expand(rows, -1).clone()
+
+
+def sample_composition(store: Store, n: int, label: str | list[str] | None = None, allow: list[str] | None = None,
+           router: str = DEFAULT_ROUTER, *, paragon: bool = False, user: str | None = None,
+           policy: Policy | None = None, adapter_mode: str = "merged", grouped: bool = False, device: str = "cpu",
+           callback=None, prompt: str | list[str] | None = None, **settings) -> Generation:
+    """Sample n images from the composition of `allow` (default: every compartment) in one call:
+    `CDMPipeline.from_store(...)` then a call with `SamplingSettings(**settings)` (steps,
+    guidance, sampler, seed, prune, commit, subset, batch_size). A text-conditioned store
+    takes `prompt` instead of `label`."""
+    pipe = CDMPipeline.from_store(store, allow, user=user, policy=policy, router=router, paragon=paragon,
+                                  adapter_mode=adapter_mode, grouped=grouped, device=device)
+    return pipe(n, label, SamplingSettings(**settings), callback, prompt=prompt)
 
 
 class PipelineCache:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Forbidden
-from .routers import ROUTERS
+from .router_specs import ROUTERS
 from ..store.registry import NotFound, Store, StoreError
 
 RULE_FIELDS = ("sources", "compartments", "keys", "routers", "admin")

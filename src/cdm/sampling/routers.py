@@ -2,14 +2,12 @@
 
 A router keeps a state per row (log-weights or offsets, float64, -inf where a compartment
 is not eligible). `weights` reads it; a stateful router also learns from each sampler step
-through `update`. `ROUTER_SPECS` is the one place router names are spelled: the CLI, the
-HTTP schema, policies, the page, the demo and the benches read them from here. Adding a
-router is one class and one line in it (docs/routers.md).
+through `update`. Which routers exist, and what each needs, is cdm.sampling.router_specs
+(no torch there): adding a router is one class here and one line there (docs/routers.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -97,46 +95,3 @@ class ItoRouter:
         state = state + dl
         state = state - state.max(dim=1, keepdim=True).values
         return torch.where(torch.isfinite(state), state.clamp(min=-LOG_CLAMP), state)
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    """What a router needs, so callers can check and build it without knowing it."""
-
-    name: str
-    cls: type
-    stochastic: bool  # needs the stochastic (DDPM) sampler: its estimate is biased under DDIM
-    stateful: bool  # carries state across steps, updated with each step's outcome (`update`)
-    trained: bool  # a network fit to every compartment's data: the "router" model (cdm.plan)
-    summary: str
-
-
-ROUTER_SPECS = {s.name: s for s in (  # the first is the default
-    RouterSpec("ito", ItoRouter, True, True, False, "training-free; tracks each compartment's density along the "
-                                                    "trajectory; needs the ddpm sampler"),
-    RouterSpec("classifier", ClassifierRouter, False, False, True, "the paper's router: a network trained on noisy "
-                                                                   "samples of every compartment, also those outside "
-                                                                   "a restricted set"),
-    RouterSpec("uniform", UniformRouter, False, False, False, "naive averaging, the baseline"),
-)}
-ROUTERS = tuple(sorted(ROUTER_SPECS))
-DEFAULT_ROUTER = next(iter(ROUTER_SPECS))
-
-
-def router_help() -> str:
-    return "; ".join(f"{s.name}: {s.summary}" for s in ROUTER_SPECS.values())
-
-
-def spec(router: Router | str) -> RouterSpec:
-    name = router if isinstance(router, str) else router.name
-    if name not in ROUTER_SPECS:
-        raise ValueError(f"unknown router {name!r}; available: {', '.join(ROUTERS)}")
-    return ROUTER_SPECS[name]
-
-
-def check_sampler(router: Router | str, stochastic: bool) -> None:
-    """Refuse a router under a sampler it cannot work with (the one place this rule lives)."""
-    s = spec(router)
-    if s.stochastic and not stochastic:
-        raise ValueError(f"router {s.name!r} needs the stochastic ddpm sampler (its density estimate is biased "
-                         f"under a deterministic one); use --sampler ddpm or --router classifier")

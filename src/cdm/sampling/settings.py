@@ -86,3 +86,8 @@ def _bounds(lo, hi) -> str:
     if hi is None:
         return f"a finite number >= {lo}"
     return f"in [{lo}, {hi}]" if lo is not None else f"<= {hi}"
+
+
+# The two places that deliberately sample with other defaults, each said once here:
+EVALUATION = SamplingSettings(guidance=1.0, seed=1, batch_size=500)  # `cdm eval` scores the unguided model
+SERVED = SamplingSettings(steps=25, guidance=1.0)  # `cdm serve`: a request's defaults, for interactive latency

@@ -17,15 +17,16 @@ docs/security.md.
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import io
 import logging
 import re
 import threading
 import time
-from collections import deque
+import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,38 +37,24 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from PIL import Image
 from pydantic import BaseModel, Field, StringConstraints, create_model, field_validator
-from starlette.datastructures import MutableHeaders
 
+from ..errors import CdmError, DataError, StoreError
 from ..sampling.batching import Batcher, sampler_thread
-from ..store.data import CAPTION_MAX, LABEL_MAX, NAME_RE, check_label
-from ..errors import CdmError, DataError
-from ..training.forget import forget
 from ..sampling.pipeline import PipelineCache
-from ..sampling.settings import SamplingSettings
 from ..sampling.policy import Policy, hash_key
+from ..sampling.router_specs import DEFAULT_ROUTER, ROUTER_SPECS, ROUTERS
+from ..sampling.settings import SERVED, SamplingSettings
+from ..store.data import CAPTION_MAX, LABEL_MAX, NAME_RE, check_label
 from ..store.recipes import text_config, train_config
-from ..sampling.routers import DEFAULT_ROUTER, ROUTER_SPECS, ROUTERS
-from ..store.registry import Store, StoreError
+from ..store.registry import Store
+from ..training.forget import forget
+from .admission import Admission, Caller, Deadline, Gone
+from .config import ServeConfig
+from .middleware import BodyLimit, SecurityHeaders
 
 KEY_HEADER = "X-API-Key"
-SERVED = ("steps", "guidance", "seed", "prune", "commit", "subset")  # the SamplingSettings a client may set
+STATIC = Path(__file__).parent / "static"  # the web page: no inline script or style (the CSP forbids both)
 log = logging.getLogger("cdm.serve")
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    max_n: int = 16  # images per request
-    max_steps: int = 100  # sampler steps per request
-    max_body: int = 16_384  # bytes
-    max_list: int = 256  # names in one request
-    workers: int = 8  # requests sampled at once, their model calls batched together
-    queue: int = 8  # requests waiting beyond those; more get 503
-    per_key: int = 4  # requests one key may have admitted (running or waiting); more get 429
-    deadline: float = 120.0  # seconds: the default and the cap of a request's deadline
-    device: str = "cpu"
-    chunk: int = 16  # rows of every batched model call (fixed: a request's images do not depend on its company)
-    grouped: bool = False  # compositions' model calls in wide calls of all their models (cdm.grouped)
-    group_chunk: int = 8  # rows of each slot of a wide call (fixed, like chunk; a slot per model, to the busiest)
 
 
 class SampleOut(BaseModel):
@@ -102,160 +89,6 @@ class ForgetIn(BaseModel):
     retrain: bool = True
 
 
-class Deadline(Exception):
-    pass
-
-
-class Gone(Exception):
-    """The client hung up: its work is abandoned."""
-
-
-@dataclass(frozen=True)
-class Caller:
-    user: str
-    key: str  # the key's hash: the unit of fairness
-
-
-class Scheduler:
-    """Admission and dispatch of sampling requests; used on the event loop only (no locks).
-
-    At most `workers` requests run and `queue` more wait; one key holds at most `per_key` of
-    those places (429 past it). A freed slot goes to the waiting key served least recently,
-    so a key that floods waits behind its own requests, not in front of everyone else's."""
-
-    def __init__(self, workers: int, queue: int, per_key: int):
-        self.free, self.limit, self.per_key = workers, workers + queue, per_key
-        self.admitted, self.held = 0, {}
-        self.waiting: dict[str, deque[asyncio.Future]] = {}
-        self.last: dict[str, int] = {}  # key -> dispatch number when last given a slot
-        self.dispatched = 0
-
-    def admit(self, key: str) -> None:
-        if self.admitted >= self.limit:
-            raise HTTPException(503, f"server busy ({self.admitted} requests admitted); retry later",
-                                headers={"Retry-After": "1"})
-        if self.held.get(key, 0) >= self.per_key:
-            raise HTTPException(429, f"this key already has {self.per_key} requests admitted; wait for one to end",
-                                headers={"Retry-After": "1"})
-        self.admitted += 1
-        self.held[key] = self.held.get(key, 0) + 1
-
-    def leave(self, key: str) -> None:
-        self.admitted -= 1
-        self.held[key] -= 1
-        if not self.held[key]:
-            del self.held[key]
-
-    def _give(self, key: str) -> None:
-        self.dispatched += 1
-        self.last[key] = self.dispatched
-
-    async def acquire(self, key: str, deadline: float, cancel: threading.Event) -> None:
-        """Wait for a slot until `deadline` (Deadline) or until the client hangs up (Gone)."""
-        if self.free and not self.waiting:
-            self.free -= 1
-            self._give(key)
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting.setdefault(key, deque()).append(fut)
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Deadline("deadline passed while queued")
-                if cancel.is_set():
-                    raise Gone()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(fut), min(0.2, left))
-                    return
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.release()  # a slot was handed over as we gave up: pass it on
-            fut.cancel()
-            q = self.waiting.get(key)
-            if q is not None and fut in q:
-                q.remove(fut)
-                if not q:
-                    del self.waiting[key]
-            raise
-
-    def release(self) -> None:
-        while self.waiting:
-            key = min(self.waiting, key=lambda k: self.last.get(k, 0))
-            q = self.waiting[key]
-            fut = q.popleft()
-            if not q:
-                del self.waiting[key]
-            if not fut.done():
-                fut.set_result(None)
-                self._give(key)
-                return
-        self.free += 1
-
-
-class BodyLimit:
-    """ASGI middleware: bodies over `limit` bytes get a 422 naming the limit (before parsing)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body = msg.get("body", b"")
-            size += len(body)
-            if size > self.limit:
-                resp = JSONResponse({"detail": [{"loc": ["body"], "msg": f"request body is larger than "
-                                                 f"{self.limit} bytes", "type": "body_too_large"}]}, 422)
-                return await resp(scope, receive, send)
-            chunks.append(body)
-            more = msg.get("more_body", False)
-        done = False
-
-        async def replay():
-            nonlocal done
-            if not done:
-                done = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc")  # FastAPI's pages load their own inline script
-
-
-class SecurityHeaders:
-    """ASGI middleware: no framing, no sniffing, no referrer; a strict CSP except on the API docs."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_headers(msg):
-            if msg["type"] == "http.response.start":
-                h = MutableHeaders(scope=msg)
-                h["X-Frame-Options"] = "DENY"
-                h["X-Content-Type-Options"] = "nosniff"
-                h["Referrer-Policy"] = "no-referrer"
-                h["Content-Security-Policy"] = "frame-ancestors 'none'" if scope["path"] in DOCS_PATHS else CSP
-                if scope["path"].startswith("/v1/"):
-                    h["Cache-Control"] = "no-store"
-            await send(msg)
-
-        return await self.app(scope, receive, send_with_headers)
-
-
 def _clean(x: object, limit: int = 300) -> str:
     """Text safe to put in a JSON answer: lone surrogates replaced, length capped."""
     return str(x).encode("utf-8", "replace").decode("utf-8")[:limit]
@@ -281,7 +114,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     app = FastAPI(title="cdm", version="1", description="Compartmentalized diffusion: each API key samples from "
                   "the composition of exactly the compartments its user may use.", lifespan=lifespan)
     key_header = APIKeyHeader(name=KEY_HEADER, auto_error=False, description="your API key")
-    sched = Scheduler(cfg.workers, cfg.queue, cfg.per_key)
+    sched = Admission(cfg.workers, cfg.queue, cfg.per_key)
     pipes = PipelineCache()
     reported: set[str] = set()
     with Store.open(store_path) as s:
@@ -307,6 +140,8 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
         reported.update(names)
 
     report_missing()
+    page_html = (STATIC / "index.html").read_text().replace(
+        "<!-- routers -->", "".join(f"<option>{r}</option>" for r in ROUTER_SPECS))
 
     def check_label_field(v: str | None) -> str | None:
         if v is None:
@@ -323,12 +158,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
         label=(str | None, Field(None, max_length=LABEL_MAX, description="class label (default: unconditional)")),
         prompt=(str | None, Field(None, max_length=CAPTION_MAX, description=(
             "text-conditioned stores: the prompt of every image (default: the empty prompt, unconditional)"))),
-        steps=(int, Field(min(25, cfg.max_steps), ge=1, le=cfg.max_steps, description="sampler steps")),
-        guidance=(float, Field(1.0, ge=0, le=20, allow_inf_nan=False, description="classifier-free guidance scale")),
-        seed=(int, Field(0, ge=0, le=2 ** 31 - 1)),
-        prune=(float | None, Field(None, ge=0, le=1000, allow_inf_nan=False, description=_help("prune"))),
-        commit=(float | None, Field(None, ge=0, le=1, allow_inf_nan=False, description=_help("commit"))),
-        subset=(int | None, Field(None, ge=1, le=cfg.max_list, description=_help("subset"))),
+        **request_fields(cfg),
         router=(Literal[ROUTERS], Field(DEFAULT_ROUTER, description=(
             "how compartments are weighted: " + "; ".join(f"{s.name}: {s.summary}" for s in ROUTER_SPECS.values())
             + ". A policy may withhold a router"))),
@@ -411,7 +241,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
-        return PAGE
+        return page_html
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:
@@ -419,11 +249,11 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
 
     @app.get("/app.js", include_in_schema=False)
     def script() -> Response:
-        return Response(APP_JS, media_type="text/javascript")
+        return Response((STATIC / "app.js").read_bytes(), media_type="text/javascript")
 
     @app.get("/app.css", include_in_schema=False)
     def style() -> Response:
-        return Response(APP_CSS, media_type="text/css")
+        return Response((STATIC / "app.css").read_bytes(), media_type="text/css")
 
     app.add_middleware(BodyLimit, limit=cfg.max_body)
     app.add_middleware(SecurityHeaders)
@@ -451,8 +281,27 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     return app
 
 
-def _help(name: str) -> str:
-    return SamplingSettings.__dataclass_fields__[name].metadata["help"]
+def request_fields(cfg: ServeConfig) -> dict:
+    """A request's sampling options, made from the `SamplingSettings` fields the service offers:
+    their type and help, their bounds tightened by the field's `cap` and the server's limits,
+    and the service's defaults (`SERVED`, its one override of SamplingSettings' defaults)."""
+    hints, limits = typing.get_type_hints(SamplingSettings), {"steps": cfg.max_steps, "subset": cfg.max_list}
+    out = {}
+    for f in dataclasses.fields(SamplingSettings):
+        m = f.metadata
+        if not m["http"]:
+            continue
+        lo = _tightest(max, m["ge"], m["cap"][0])
+        hi = _tightest(min, m["le"], m["cap"][1], limits.get(f.name))
+        default = min(SERVED.steps, cfg.max_steps) if f.name == "steps" else getattr(SERVED, f.name)
+        floats = {} if int in typing.get_args(hints[f.name]) or hints[f.name] is int else {"allow_inf_nan": False}
+        out[f.name] = (hints[f.name], Field(default, ge=lo, le=hi, description=m["help"], **floats))
+    return out
+
+
+def _tightest(pick, *bounds):
+    given = [b for b in bounds if b is not None]
+    return pick(given) if given else None
 
 
 async def _watch(request: Request, cancel: threading.Event) -> None:
@@ -475,7 +324,8 @@ def _generate(store_path: Path, pipes: PipelineCache, batcher: Batcher, req, nam
     t0 = time.perf_counter()
     with Store.open(store_path) as s:
         pipe = pipes.get(s, names, router=req.router, device=cfg.device, grouped=cfg.grouped)
-    settings = SamplingSettings(**{k: getattr(req, k) for k in SERVED}, batch_size=cfg.max_n)
+    offered = [f.name for f in dataclasses.fields(SamplingSettings) if f.metadata["http"]]
+    settings = dataclasses.replace(SERVED, **{k: getattr(req, k) for k in offered}, batch_size=cfg.max_n)
     with batcher.session():
         g = pipe(req.n, req.label, settings, callback=check, batcher=batcher, prompt=req.prompt)
     out = []
@@ -488,100 +338,3 @@ def _generate(store_path: Path, pipes: PipelineCache, batcher: Batcher, req, nam
                              prompt=None if g.prompts is None else g.prompts[i], attribution=att))
     return GenerateOut(compartments=g.compartments, router=req.router, seconds=round(time.perf_counter() - t0, 3),
                        samples=out)
-
-
-# The page holds no inline script or style (the CSP forbids both) and builds every piece of
-# server data into the DOM as text (textContent, Option), never as HTML.
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>cdm</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="stylesheet" href="/app.css"><script src="/app.js" defer></script>
-</head><body>
-<h1>cdm</h1>
-<p>Samples from the composition of the compartments your key may use, with each image's attribution.</p>
-<fieldset>
- <label>API key <input id="key" type="password" size="30" autocomplete="off"></label>
- <button id="connect">Connect</button>
- <label id="label-box">Label <select id="label"><option value="">(any)</option></select></label>
- <label id="prompt-box" hidden>Prompt <input id="prompt" type="text" size="30" maxlength="1000"></label>
- <label>Count <input id="n" type="number" min="1" value="4"></label>
- <label>Router <select id="router">""" + "".join(f"<option>{r}</option>" for r in ROUTER_SPECS) + """</select></label>
- <button id="go">Generate</button>
-</fieldset>
-<div id="msg"></div><div id="who"></div><div id="out"></div>
-</body></html>
-"""
-
-APP_CSS = """
-body { font: 15px system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }
-fieldset { border: 1px solid #ccc; border-radius: 6px; display: flex; gap: 1rem; align-items: end; flex-wrap: wrap; }
-label { display: flex; flex-direction: column; font-size: 13px; gap: .2rem; }
-input, select, button { font: inherit; padding: .3rem .5rem; }
-#n { width: 4rem; }
-#out { display: grid; grid-template-columns: repeat(auto-fill, minmax(11rem, 1fr)); gap: 1rem; margin-top: 1rem; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: .5rem; }
-.card img { width: 100%; image-rendering: pixelated; background: #000; }
-.bar { display: flex; align-items: center; gap: .3rem; font-size: 12px; }
-.bar span.name { width: 5.5rem; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.bar div.track { flex: 1; background: #eee; height: .7rem; border-radius: 3px; }
-.bar div.fill { background: #3a7bd5; height: 100%; border-radius: 3px; }
-[hidden] { display: none !important; }
-#msg { color: #b00; min-height: 1.2rem; margin-top: .5rem; }
-"""
-
-APP_JS = """"use strict";
-const $ = (id) => document.getElementById(id);
-const headers = () => ({"X-API-Key": $("key").value, "Content-Type": "application/json"});
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-async function call(path, body) {
-  const r = await fetch(path, body ? {method: "POST", headers: headers(), body: JSON.stringify(body)} : {headers: headers()});
-  const j = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error(r.status + ": " + (typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail)));
-  return j;
-}
-function card(s) {
-  const c = el("div", "card");
-  const img = el("img");
-  img.alt = "sample";
-  img.src = "data:image/png;base64," + s.png_base64;
-  c.append(img);
-  for (const [name, w] of Object.entries(s.attribution || {})) {
-    const bar = el("div", "bar"), track = el("div", "track"), fill = el("div", "fill");
-    bar.dataset.compartment = name;
-    fill.style.width = (100 * w).toFixed(1) + "%";
-    track.append(fill);
-    bar.append(el("span", "name", name), track, el("span", "", w.toFixed(2)));
-    c.append(bar);
-  }
-  return c;
-}
-document.addEventListener("DOMContentLoaded", () => {
-  $("connect").addEventListener("click", async () => {
-    $("msg").textContent = "";
-    try {
-      const c = await call("/v1/compartments");
-      $("who").textContent = c.user + " may use: " + (c.compartments.join(", ") || "nothing at present");
-      $("label").replaceChildren(new Option("(any)", ""), ...c.labels.map((l) => new Option(l, l)));
-      $("label-box").hidden = c.text;
-      $("prompt-box").hidden = !c.text;
-    } catch (e) { $("msg").textContent = e.message; }
-  });
-  $("go").addEventListener("click", async () => {
-    $("msg").textContent = "generating...";
-    $("out").replaceChildren();
-    try {
-      const body = {n: parseInt($("n").value), router: $("router").value, steps: 25};
-      if ($("label").value && $("prompt-box").hidden) body.label = $("label").value;
-      if ($("prompt").value && !$("prompt-box").hidden) body.prompt = $("prompt").value;
-      const g = await call("/v1/generate", body);
-      $("msg").textContent = "";
-      $("out").replaceChildren(...g.samples.map(card));
-    } catch (e) { $("msg").textContent = e.message; }
-  });
-});
-"""
