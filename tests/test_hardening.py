@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cdm.app import api
-from cdm import data as cdm_data
+from cdm.store import data as cdm_data
 from cdm.app.cli import app as cli_app
 from cdm.store.data import DataError, Item, load_builtin
 from cdm.ingest.folders import load_folder
