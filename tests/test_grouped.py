@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cdm.app import api
+from cdm.models.denoisers import separate as separate_calls
 from cdm.models.grouped import Group, grouped_joint, slot_rows
 from cdm.models.nets import build_unet
 from cdm.models.presets import text_unet_config, unet_config
@@ -42,7 +43,10 @@ def test_a_group_computes_what_each_model_computes(preset):
                     torch.stack([c[:2], c[2:4], c[3:5]]), [2, 0, 2])
         torch.testing.assert_close(out, torch.stack([each[:2, 2], each[2:4, 0], each[3:5, 2]]), rtol=1e-4, atol=1e-5)
         few = grouped_joint(group, dens, max_rows=1)  # busier than max_rows: separate calls, bit for bit
-        assert torch.equal(few(x, t, c, keep), torch.where(keep[..., None, None, None], each, 0.0))
+        # (against separate calls on the same rows: a model on 2 rows may round differently from the
+        # same model on 5, so `each` is not the reference here on every CPU)
+        assert torch.equal(few(x, t, c, keep), separate_calls(dens)(x, t, c, keep))
+        separate[len(unets):] = []  # the reference's own calls
         assert separate == unets
         assert torch.equal(few(x, t, c, None), each) and separate == unets * 2  # dense too
 
