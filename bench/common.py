@@ -10,7 +10,8 @@ from rich.console import Console
 
 from cdm.app import api
 from cdm.store.data import load_builtin
-from cdm.store.registry import Store, StoreError
+from cdm.store.registry import Store
+from cdm.errors import StoreError
 from cdm.store.recipes import RouterConfig, TrainConfig
 
 console = Console(stderr=True)

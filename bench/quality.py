@@ -112,7 +112,8 @@ def adapters_variant(args) -> None:
 
     from cdm.app import api
     from cdm.store.data import load_builtin
-    from cdm.store.registry import Store, StoreError
+    from cdm.store.registry import Store
+    from cdm.errors import StoreError
 
     q = args.quick
     k = int(args.ks or (2 if q else 8))

@@ -34,7 +34,8 @@ from cdm.ingest.ingest import resize_items
 from cdm.sampling.pipeline import CDMPipeline
 from cdm.sampling.settings import SamplingSettings
 from cdm.app.report import grid, to_pil
-from cdm.store.registry import PARAGON, Store, StoreError
+from cdm.store.registry import PARAGON, Store
+from cdm.errors import StoreError
 from cdm.store.recipes import RouterConfig, TrainConfig
 
 

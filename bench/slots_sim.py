@@ -7,7 +7,7 @@ rows that do not fit wait. A request advances a step once all its rows of the st
 
 - fixed: slot k is model k (slots = K);
 - flexible: each slot goes to the model with the most rows still waiting (what the server
-  does: cdm.sampling.batching.slot_counts; the slots whose model changed get its weights copied in place).
+  does: cdm.models.grouped.slot_counts; the slots whose model changed get its weights copied in place).
 
 Prints JSON, then a table: images finished per round and how full the slots were. The
 paragon finishes C * n / S images per round (all rows in one call).
@@ -22,7 +22,7 @@ import random
 
 from common import emit
 
-from cdm.sampling.batching import slot_counts
+from cdm.models.grouped import slot_counts
 
 
 def simulate(slots: int, per_slot: int, flexible: bool, clients: int, n: int, k: int, steps: int, rows: int,

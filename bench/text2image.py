@@ -46,7 +46,8 @@ from cdm.store.data import Item
 from cdm.evaluation.evaluate import EvalConfig, Evaluator, ExtractorConfig, Features
 from cdm.ingest.folders import load_folder
 from cdm.app.report import grid, to_pil
-from cdm.store.registry import PARAGON, Store, StoreError
+from cdm.store.registry import PARAGON, Store
+from cdm.errors import StoreError
 from cdm.store.recipes import RouterConfig, TrainConfig
 
 

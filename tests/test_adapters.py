@@ -16,7 +16,7 @@ from cdm.sampling.settings import Sparsity
 from cdm.models.nets import build_unet
 from cdm.models.presets import unet_config
 from cdm.sampling.routers import ItoRouter
-from cdm.store.registry import StoreError
+from cdm.errors import DataError, StoreError
 
 from .conftest import digests, make_store
 
@@ -116,7 +116,7 @@ def test_adapter_modes_agree(tmp_path, digits):
             assert torch.allclose(a(x, t, y), b(x, t, y), atol=1e-5) and a.evaluations == b.evaluations
     g = {m: api.sample(s, 2, "3", steps=3, adapter_mode=m) for m in api.ADAPTER_MODES}
     assert np.abs(g["merged"].attribution - g["joint"].attribution).max() < 1e-4
-    with pytest.raises(StoreError, match="adapter mode"):
+    with pytest.raises(DataError, match="adapter mode"):
         api.sample(s, 2, "3", steps=3, adapter_mode="fused")
 
 

@@ -14,7 +14,7 @@ from cdm.app import api
 from cdm.evaluation.alignment import AlignConfig, AlignScorer, ClipScorer, fit_align, words
 from cdm.store.data import Item
 from cdm.evaluation.evaluate import EvalConfig, EvalReport, Evaluator, reference_items
-from cdm.store.registry import StoreError
+from cdm.errors import StoreError
 from cdm.models.text import build_default
 from cdm.store.recipes import RouterConfig, TrainConfig
 

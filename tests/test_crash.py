@@ -23,7 +23,8 @@ from PIL import Image
 
 from cdm.app import api
 from cdm.ingest.folders import load_folder
-from cdm.store.registry import Store, StoreError
+from cdm.store.registry import Store
+from cdm.errors import StoreError
 from cdm.store.recipes import TrainConfig
 
 from .conftest import TINY_ROUTER, digests

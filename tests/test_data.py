@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from cdm.app import api
-from cdm.store.data import DataError, Item, SplitRule, item_hash, load_builtin
-from cdm.store.registry import Store, StoreError
+from cdm.errors import DataError, StoreError
+from cdm.store.data import Item, SplitRule, item_hash, load_builtin
+from cdm.store.registry import Store
 
 from .conftest import make_store
 

@@ -12,7 +12,7 @@ from cdm.store.data import load_builtin
 from cdm.evaluation.evaluate import (EvalConfig, Evaluator, ExtractorConfig, Features, evaluate_store, frechet_distance,
                           memorization)
 from cdm.training.forget import forget
-from cdm.store.registry import StoreError
+from cdm.errors import StoreError
 
 from .conftest import make_store
 

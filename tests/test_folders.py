@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from cdm.app import api
 from cdm.app.cli import app as cli_app
-from cdm.store.data import FASHION_MNIST_LABELS, DataError, load_builtin
+from cdm.errors import DataError
+from cdm.store.data import FASHION_MNIST_LABELS, load_builtin
 from cdm.evaluation.evaluate import EvalConfig, ExtractorConfig, evaluate_store
 from cdm.ingest.folders import file_item_id, load_folder
 from cdm.store.registry import Store

@@ -10,7 +10,7 @@ import pytest
 from cdm.app import api
 from cdm.store.data import load_builtin
 from cdm.training.forget import forget
-from cdm.store.registry import StoreError
+from cdm.errors import DataError, StoreError
 
 from .conftest import digests, make_store
 
@@ -101,10 +101,10 @@ def test_policy_composes_exactly_the_users_set(tmp_path, digits):
         pol.allowed(s, "carol")
     typo = Policy.parse('[users.x]\ncompartments = ["nope", "museum"]\n')
     assert typo.allowed(s, "x") == ["museum"] and typo.missing(s) == {"x": ["users.x.compartments: nope"]}
-    with pytest.raises(StoreError, match=r"users.x.compartments: nope"):
+    with pytest.raises(DataError, match=r"users.x.compartments: nope"):
         set_store_policy(s, typo)  # a name the store does not hold is refused when set (unless allow_missing)
     assert Policy.parse('[users.x]\nsources = []\n').allowed(s, "x") == []
-    with pytest.raises(StoreError, match="not valid TOML"):
+    with pytest.raises(DataError, match="not valid TOML"):
         Policy.parse("[users.x")
     set_store_policy(s, pol)
     assert store_policy(s).allowed(s, "alice") == ["digits-1", "museum"]

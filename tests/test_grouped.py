@@ -13,7 +13,7 @@ from cdm.models.nets import build_unet
 from cdm.models.presets import text_unet_config, unet_config
 from cdm.sampling.pipeline import CDMPipeline
 from cdm.sampling.settings import SamplingSettings
-from cdm.store.registry import StoreError
+from cdm.errors import StoreError
 
 from .conftest import make_store
 

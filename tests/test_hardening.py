@@ -24,14 +24,15 @@ from typer.testing import CliRunner
 from cdm.app import api
 from cdm.store import data as cdm_data
 from cdm.app.cli import app as cli_app
-from cdm.store.data import DataError, Item, load_builtin
+from cdm.errors import DataError, StoreError
+from cdm.store.data import Item, load_builtin
 from cdm.ingest.folders import load_folder
 from cdm.training.forget import forget
 from cdm.sampling.policy import Policy, new_key
 from cdm.serving.admission import Admission, Deadline
 from cdm.serving.config import ServeConfig
 from cdm.serving.routes import create_app
-from cdm.store.registry import Store, StoreError
+from cdm.store.registry import Store
 
 from .conftest import make_store
 from .test_serve import Server
@@ -290,7 +291,7 @@ def test_scheduler_serves_keys_round_robin_and_never_loses_a_slot():
 
 
 def test_max_steps_beyond_the_schedule_is_refused_at_start(tmp_path, template):
-    with pytest.raises(StoreError, match="max_steps 5000 must be in 1..1000"):
+    with pytest.raises(DataError, match="max_steps 5000 must be in 1..1000"):
         create_app(template, Policy.parse(POLICY), ServeConfig(max_steps=5000))
 
 

@@ -9,12 +9,11 @@ import pytest
 
 from cdm.app import api
 from cdm.store.data import load_builtin
-from cdm.errors import DataError, Forbidden
+from cdm.errors import DataError, Forbidden, StoreError
 from cdm.sampling.pipeline import CDMPipeline, PipelineCache
 from cdm.sampling.settings import SamplingSettings
 from cdm.training.kinds import plan, saw
 from cdm.sampling.policy import Policy
-from cdm.store.registry import StoreError
 
 from .conftest import make_store
 
@@ -87,19 +86,19 @@ def test_sampling_errors(trained, tmp_path, digits):
     s = _copy(trained, tmp_path)
     with pytest.raises(StoreError, match="unknown compartment.*nope"):
         api.sample(s, 2, allow=["digits-0", "nope"])
-    with pytest.raises(StoreError, match="label '4' is in none of the composed compartments"):
+    with pytest.raises(DataError, match="label '4' is in none of the composed compartments"):
         api.sample(s, 2, "4", ["digits-0", "digits-2"])  # 4 lives in digits-1
-    with pytest.raises(StoreError, match="unknown label"):
+    with pytest.raises(DataError, match="unknown label"):
         api.sample(s, 2, "42")
-    with pytest.raises(StoreError, match="n must be positive"):
+    with pytest.raises(DataError, match="n must be positive"):
         api.sample(s, 0)
     with pytest.raises(StoreError, match="allowed set of compartments is empty"):
         api.sample(s, 2, allow=[])
-    with pytest.raises(StoreError, match="needs the stochastic ddpm sampler"):
+    with pytest.raises(DataError, match="needs the stochastic ddpm sampler"):
         api.sample(s, 2, router="ito", sampler="ddim", steps=4)
     g = api.sample(s, 2, "3", router="classifier", sampler="ddim", steps=4)  # deterministic is fine there
     assert g.images.shape == (2, 8, 8, 1)
-    with pytest.raises(StoreError, match="unknown router"):
+    with pytest.raises(DataError, match="unknown router"):
         api.sample(s, 2, router="magic")
     api.ingest(s, "late", load_builtin("digits", "test")[:10], "one")
     with pytest.raises(StoreError, match="'late' is not trained"):
@@ -142,7 +141,7 @@ def test_a_loaded_pipeline_reads_nothing_from_the_store_per_call(trained, tmp_pa
     for _ in range(2):
         g = pipe(4, "1", SamplingSettings(steps=5, seed=2))
         assert np.array_equal(g.images, want.images) and np.array_equal(g.attribution, want.attribution)
-    with pytest.raises(StoreError, match="n must be positive"):
+    with pytest.raises(DataError, match="n must be positive"):
         pipe(0)
 
 

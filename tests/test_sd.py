@@ -15,7 +15,7 @@ import torch
 from cdm.app import api
 from cdm.store.data import Item
 from cdm.training.forget import forget
-from cdm.store.registry import StoreError
+from cdm.errors import StoreError
 from cdm.models.text import build_default
 from cdm.store.recipes import RouterConfig, TrainConfig
 

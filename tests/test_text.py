@@ -13,11 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from cdm.app import api
-from cdm.store.data import DataError
+from cdm.errors import DataError, StoreError
 from cdm.training.forget import forget
 from cdm.sampling.pipeline import CDMPipeline
 from cdm.sampling.settings import SamplingSettings
-from cdm.store.registry import StoreError
 from cdm.models.text import Prompts, TextEncoder, build_default, check_folder
 
 from .conftest import digests, make_store
@@ -153,9 +152,9 @@ def test_bad_prompts_and_conditions_are_refused(tmp_path, owners, digits):
     limit = pipe.cond.encoder.max_length
     with pytest.raises(StoreError, match=f"at most {limit}"):
         pipe(1, prompt="x" * (limit + 5))
-    with pytest.raises(StoreError, match="give a prompt, not a label"):
+    with pytest.raises(DataError, match="give a prompt, not a label"):
         pipe(1, "3")
-    with pytest.raises(StoreError, match="2 prompts for n=3"):
+    with pytest.raises(DataError, match="2 prompts for n=3"):
         pipe(3, prompt=["a", "b"])
     cls_store = make_store(tmp_path / "c", digits[:40], "iid:2")
     api.train(cls_store, router=False)
@@ -302,7 +301,7 @@ def test_prompt_compartments_need_a_text_store(tmp_path, digits):
     s = make_store(tmp_path / "s", captioned(digits[:30]), "iid:2")
     with pytest.raises(StoreError, match="cdm text"):
         api.set_adapters(s, public=["digits"], kind="prompt")
-    with pytest.raises(StoreError, match="unknown adapter kind"):
+    with pytest.raises(DataError, match="unknown adapter kind"):
         api.set_adapters(s, public=["digits"], kind="dora")
     assert api.adapter_config(s) is None
 

@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from cdm.app import api
 from cdm.store.data import SplitRule, assign_slice
-from cdm.store.registry import StoreError
+from cdm.errors import DataError, StoreError
 
 from .conftest import digests, make_store, noise_item
 
@@ -106,7 +106,7 @@ def test_steps_option_changes_the_recipe_and_retrains(tmp_path, digits):
     assert api.status(s)["compartments"]["digits"]["model"] == "ready"
     (r,) = api.train(s, steps=10)
     assert r.steps == 10 and digests(s)["digits"] != d1
-    with pytest.raises(StoreError, match="steps must be >= 1"):
+    with pytest.raises(DataError, match="steps must be >= 1"):
         api.train(s, steps=0)
     with pytest.raises(StoreError, match="unknown compartment"):
         api.train(s, compartments=["nope"])
@@ -128,7 +128,7 @@ def test_an_epoch_budget_scales_steps_with_each_models_items(tmp_path, digits):
     api.ingest(f, "big", digits[:60], "one")
     api.train(f, router=False)
     assert f.model("big").digest == s.model("big").digest and f.model("big").spec == s.model("big").spec
-    with pytest.raises(StoreError, match="epochs must be >= 0"):
+    with pytest.raises(DataError, match="epochs must be >= 0"):
         api.train(s, epochs=-1)
     api.train(s, epochs=0, paragon=True, router=False)  # back to a fixed count: every model retrains at 24 steps
     assert {m.info["steps"] for m in s.models().values()} == {24}

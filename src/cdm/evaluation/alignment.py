@@ -29,8 +29,9 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
-from ..store.data import Item, to_tensor_array
-from ..store.registry import Store, StoreError, write_folder_once
+from ..store.data import Item, hash_int, to_tensor_array
+from ..store.registry import Store, write_folder_once
+from ..errors import StoreError
 from ..models.text import quiet_transformers
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -40,7 +41,7 @@ def words(caption: str, buckets: int) -> list[int]:
     """A caption's words (lower case, letters and digits) hashed into `buckets` ids, plus bigrams."""
     w = WORD.findall(caption.lower())
     grams = w + [f"{a} {b}" for a, b in zip(w, w[1:])]
-    return [int.from_bytes(hashlib.sha256(g.encode()).digest()[:4], "big") % buckets for g in grams] or [0]
+    return [hash_int(g, size=4) % buckets for g in grams] or [0]
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from ..sampling.pipeline import CDMPipeline
 from ..sampling.settings import EVALUATION, SamplingSettings
 from ..training.kinds import model_state
 from ..store.recipes import text_config
-from ..store.registry import PARAGON, Store, StoreError, write_folder_once
+from ..store.registry import PARAGON, Store, write_folder_once
+from ..errors import StoreError
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..store.data import DataError, Item, check_caption, item_hash
+from ..errors import DataError
+
+from ..store.data import Item, check_caption, item_hash
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 METADATA = ("metadata.jsonl", "metadata.csv")

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..store.data import DataError, Item, SplitRule, assign_slice, check_caption, check_label, check_name
+from ..errors import DataError
+
+from ..store.data import Item, SplitRule, assign_slice, check_caption, check_label, check_name
 from .folders import canonical
 from ..models.text import load_encoder
 from ..store.recipes import text_config, text_dir

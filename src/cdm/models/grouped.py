@@ -342,6 +342,23 @@ def _skip_channels(unet) -> list[list[int]]:
     return seen
 
 
+# How a group's wide call is divided into slots of rows, one model per slot: `slot_rows` picks
+# the rows per slot for a plain sparse step (cdm.models.grouped.grouped_joint), `slot_counts`
+# how many slots of fixed rows each model gets in a server round (cdm.sampling.batching).
+
+
+def slot_counts(waiting: list[int], rows: int, slots: int) -> list[int]:
+    """How many of a wide call's `slots` slots of `rows` rows each model gets, given the rows
+    it has waiting: one at a time to the model with the most rows not yet given room."""
+    want = [0] * len(waiting)
+    for _ in range(slots):
+        m = max(range(len(waiting)), key=lambda m: waiting[m] - want[m] * rows)
+        if waiting[m] <= want[m] * rows:
+            break
+        want[m] += 1
+    return want
+
+
 def slot_rows(counts: list[int], max_rows: int) -> int:
     """Rows per slot for models with these row counts: the fewest slots x (rows + SLOT_ROWS),
     i.e. padding traded against the cost of one more slot."""

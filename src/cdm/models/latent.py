@@ -19,7 +19,8 @@ from diffusers import AutoencoderKL
 
 from .denoisers import fixed_chunks
 from ..store.recipes import LatentConfig
-from ..store.registry import StoreError, file_digest
+from ..store.registry import file_digest
+from ..errors import StoreError
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 

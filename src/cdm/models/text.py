@@ -29,7 +29,7 @@ import torch
 
 from .denoisers import fixed_chunks
 from ..store.recipes import TextConfig
-from ..store.registry import StoreError
+from ..errors import StoreError
 
 ENCODER, TOKENIZER = "text_encoder", "tokenizer"
 

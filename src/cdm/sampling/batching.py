@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.denoisers import Cond, Denoiser, Keyed, cond_cat, cond_rows, fixed_chunks
+from ..models.grouped import slot_counts
 
 
 def model_key(denoiser: Denoiser):
@@ -80,18 +81,6 @@ def sampler_thread() -> None:
     models x 8 rows took 19 ms with its team alone and 39 ms beside one idle team of 2 on 2
     cores. So in a batching process only the batcher's thread computes on several cores."""
     pin_threads(1)
-
-
-def slot_counts(waiting: list[int], rows: int, slots: int) -> list[int]:
-    """How many of a wide call's `slots` slots of `rows` rows each model gets, given the rows
-    it has waiting: one at a time to the model with the most rows not yet given room."""
-    want = [0] * len(waiting)
-    for _ in range(slots):
-        m = max(range(len(waiting)), key=lambda m: waiting[m] - want[m] * rows)
-        if waiting[m] <= want[m] * rows:
-            break
-        want[m] += 1
-    return want
 
 
 class Batcher:

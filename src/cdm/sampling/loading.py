@@ -21,7 +21,8 @@ from ..models.grouped import Group
 from ..models.latent import load_latents
 from ..models.text import load_encoder
 from ..store.recipes import is_full, is_prompt, latent_config, latent_dir, text_config, text_dir
-from ..store.registry import ADAPTER_WEIGHTS, BASE, ROUTER, WEIGHTS, NotReady, Store, StoreError, file_digest
+from ..store.registry import ADAPTER_WEIGHTS, BASE, ROUTER, WEIGHTS, Store, file_digest
+from ..errors import NotReady, StoreError
 from ..training.kinds import kind_of
 from ..training.trainers import TRAINERS
 from .cache import LRU

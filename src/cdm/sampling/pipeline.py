@@ -35,7 +35,8 @@ from . import routers
 from .router_specs import DEFAULT_ROUTER, ROUTERS, check_sampler, router_spec
 from .sampler import make_scheduler, sample
 from .settings import SamplingSettings
-from ..store.registry import BASE, PARAGON, ROUTER, NotReady, Store, StoreError
+from ..store.registry import BASE, PARAGON, ROUTER, Store
+from ..errors import DataError, NotReady, StoreError
 from ..models.text import Prompts
 
 ADAPTER_MODES = ("merged", "loop", "joint")
@@ -60,22 +61,26 @@ class Generation:
             if files:
                 r["file"] = files[i]
             if self.attribution is not None:
-                r["attribution"] = {c: round(float(w), 6) for c, w in zip(self.compartments, self.attribution[i])}
-                r["final"] = {c: round(float(w), 6) for c, w in zip(self.compartments, self.final[i])}
+                r["attribution"], r["final"] = self.weights(self.attribution, i), self.weights(self.final, i)
             out.append(r)
         return out
+
+    def weights(self, w: np.ndarray, i: int) -> dict[str, float]:
+        """Sample i's row of `w` (attribution or final weights) by compartment, as reported (6 decimals)."""
+        return {c: round(float(v), 6) for c, v in zip(self.compartments, w[i])}
 
 
 class CDMPipeline:
     """A loaded composition (or the paragon). Call it to sample; it is safe to share across threads."""
 
-    def __init__(self, names: list[str], denoisers: list, router, labels: dict[str, int],
-                 hist: dict, scheduler: dict, cond: ClassLabels | Prompts, shape: tuple[int, int, int],
-                 device: str = "cpu", joint=None, vae=None, group: Group | None = None):
+    def __init__(self, *, names: list[str], denoisers: list, router, labels: dict[str, int], hist: dict,
+                 schedule: dict, cond: ClassLabels | Prompts, shape: tuple[int, int, int], device: str = "cpu",
+                 joint=None, vae=None, group: Group | None = None):
         self.names, self.denoisers, self.router, self.joint = names, denoisers, router, joint
-        self.group = group  # the models as one cdm.grouped.Group (`grouped`), used by batched calls too
-        self.vae = vae  # latent stores: samples are decoded with the store's VAE (cdm.latent)
-        self.labels, self.hist, self.scheduler, self.cond = labels, hist, scheduler, cond
+        self.group = group  # the models as one cdm.models.grouped.Group (`grouped`), used by batched calls too
+        self.vae = vae  # latent stores: samples are decoded with the store's VAE (cdm.models.latent)
+        self.labels, self.hist, self.cond = labels, hist, cond  # label ids; label counts per compartment
+        self.schedule = schedule  # the noise schedule the models were trained with (a diffusers scheduler config)
         self.shape, self.device = shape, torch.device(device)
 
     @property
@@ -99,22 +104,22 @@ class CDMPipeline:
         "joint" (one base, every adapter's rows in one batched call). `grouped` evaluates all
         compartments in one vectorised call per step (cdm.grouped; last-bit differences)."""
         if router not in ROUTERS:
-            raise StoreError(f"unknown router {router!r}; available: {', '.join(ROUTERS)}")
+            raise DataError(f"unknown router {router!r}; available: {', '.join(ROUTERS)}")
         if adapter_mode not in ADAPTER_MODES:
-            raise StoreError(f"unknown adapter mode {adapter_mode!r}; available: {', '.join(ADAPTER_MODES)}")
+            raise DataError(f"unknown adapter mode {adapter_mode!r}; available: {', '.join(ADAPTER_MODES)}")
         if grouped and adapter_mode != "merged":
-            raise StoreError(f"grouped calls need full or merged models, not adapter mode {adapter_mode!r}")
+            raise DataError(f"grouped calls need full or merged models, not adapter mode {adapter_mode!r}")
         if grouped and text_config(store) is not None:
-            raise StoreError("grouped calls need class-conditional models; this store is text-conditioned")
+            raise DataError("grouped calls need class-conditional models; this store is text-conditioned")
         with store.snapshot():  # one registry snapshot: old models or new ones, never a mix
             if user is not None:
                 policy = policy or store_policy(store)
                 if policy is None:
-                    raise StoreError(f"user {user!r} needs --policy FILE or a store policy "
+                    raise DataError(f"user {user!r} needs --policy FILE or a store policy "
                                      f"(`cdm policy STORE --set FILE`)")
                 allow = policy.resolve(store, user, router, allow)
             elif policy is not None:
-                raise StoreError("--policy needs --user")
+                raise DataError("--policy needs --user")
             names = [PARAGON] if paragon else cls._composed(store, allow)
             joint = group = None
             adapters = not paragon and adapter_config(store) is not None
@@ -136,8 +141,9 @@ class CDMPipeline:
             comp_router = None if paragon else cls._router(store, router, names, device)
             encoder = load_text(store, device)
             cond = ClassLabels(null_label(store)) if encoder is None else Prompts(encoder)
-            return cls(names, dens, comp_router, store.labels(), store.label_counts(), scheduler_config(store, names[0]),
-                       cond, model_shape(store), device, joint, load_vae(store, device), group)
+            return cls(names=names, denoisers=dens, router=comp_router, labels=store.labels(),
+                       hist=store.label_counts(), schedule=scheduler_config(store, names[0]), cond=cond,
+                       shape=model_shape(store), device=device, joint=joint, vae=load_vae(store, device), group=group)
 
     @staticmethod
     def _composed(store: Store, allow: list[str] | None) -> list[str]:
@@ -176,7 +182,7 @@ class CDMPipeline:
             try:
                 check_sampler(self.router, settings.sampler == "ddpm")
             except ValueError as e:
-                raise StoreError(str(e)) from None
+                raise DataError(str(e)) from None
         s, dev = settings, self.device
         gen = torch.Generator().manual_seed(s.seed)
         noise_all = torch.randn((n, *self.shape), generator=gen)
@@ -204,12 +210,12 @@ class CDMPipeline:
                     prior = torch.cat([prior, _log_prior(self.hist, self.names, None, b)])
                 joint = self.joint if batcher is None else BatchedJoint(batcher, self.denoisers, self.group)
                 den = mix = Mixture(self.denoisers, self.router, prior.to(dev), s.sparsity, generator=draws,
-                                    num_train_timesteps=self.scheduler["num_train_timesteps"], joint=joint,
+                                    num_train_timesteps=self.schedule["num_train_timesteps"], joint=joint,
                                     copies=2 if cfg else 1)
             if cfg:
                 den = guided(den, s.guidance, self.cond.null(b, dev))
             with torch.inference_mode():
-                x = sample(den, make_scheduler(self.scheduler, s.sampler), noise, cond, s.steps, gen,
+                x = sample(den, make_scheduler(self.schedule, s.sampler), noise, cond, s.steps, gen,
                            ([mix.on_step] if mix else []) + hooks)
             if self.vae is not None:
                 x = self.vae.decode(x)
@@ -229,34 +235,34 @@ class CDMPipeline:
         """Each sample's prompt (text stores; [] when unconditional), or None (class-conditional)."""
         if not self.text:
             if prompt is not None:
-                raise StoreError("this store is class-conditional: give a label, not a prompt "
+                raise DataError("this store is class-conditional: give a label, not a prompt "
                                  "(`cdm text` conditions a captioned store on prompts)")
             return None
         if label is not None:
-            raise StoreError("this store is text-conditioned: give a prompt, not a label")
+            raise DataError("this store is text-conditioned: give a prompt, not a label")
         if n <= 0:
-            raise StoreError(f"n must be positive, got {n}")
+            raise DataError(f"n must be positive, got {n}")
         if prompt is None:
             return []
         per_sample = [prompt] * n if isinstance(prompt, str) else list(prompt)
         if len(per_sample) != n:
-            raise StoreError(f"got {len(per_sample)} prompts for n={n} samples")
+            raise DataError(f"got {len(per_sample)} prompts for n={n} samples")
         if any(not isinstance(p, str) for p in per_sample):
-            raise StoreError("a prompt must be text")
+            raise DataError("a prompt must be text")
         self.cond.encoder.check(list(dict.fromkeys(per_sample)))
         return per_sample
 
     def _labels(self, n: int, label) -> tuple[list[str | None], list[int] | None]:
         if n <= 0:
-            raise StoreError(f"n must be positive, got {n}")
+            raise DataError(f"n must be positive, got {n}")
         per_sample = [label] * n if label is None or isinstance(label, str) else list(label)
         if len(per_sample) != n:
-            raise StoreError(f"got {len(per_sample)} labels for n={n} samples")
+            raise DataError(f"got {len(per_sample)} labels for n={n} samples")
         if any(lab is None for lab in per_sample) and not all(lab is None for lab in per_sample):
-            raise StoreError("give a label for every sample, or for none")
+            raise DataError("give a label for every sample, or for none")
         unknown = sorted({lab for lab in per_sample if lab is not None and lab not in self.labels})
         if unknown:
-            raise StoreError(f"unknown label(s) {', '.join(map(repr, unknown))}; the store has: "
+            raise DataError(f"unknown label(s) {', '.join(map(repr, unknown))}; the store has: "
                              f"{', '.join(self.labels) or 'no labels'}")
         for lab in sorted(set(per_sample) - {None}):
             if not any(self.hist.get(c, {}).get(self.labels[lab], 0) for c in (self.hist if self.paragon else self.names)):

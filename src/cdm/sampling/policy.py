@@ -25,9 +25,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import Forbidden
+
 from .router_specs import ROUTERS
-from ..store.registry import NotFound, Store, StoreError
+from ..store.registry import Store
+from ..errors import DataError, Forbidden, NotFound, StoreError
 
 RULE_FIELDS = ("sources", "compartments", "keys", "routers", "admin")
 
@@ -54,23 +55,23 @@ def new_key() -> tuple[str, str]:
 def _parse_rule(origin: str, name: str, rule) -> UserRule:
     where = f"{origin}: users.{name}"
     if not isinstance(rule, dict):
-        raise StoreError(f"{where} must be a table with {', '.join(RULE_FIELDS)}, got {type(rule).__name__}")
+        raise DataError(f"{where} must be a table with {', '.join(RULE_FIELDS)}, got {type(rule).__name__}")
     extra = sorted(set(rule) - set(RULE_FIELDS))
     if extra:
-        raise StoreError(f"{where}: unknown field(s) {', '.join(extra)}; a rule may have {', '.join(RULE_FIELDS)}")
+        raise DataError(f"{where}: unknown field(s) {', '.join(extra)}; a rule may have {', '.join(RULE_FIELDS)}")
     for key in ("sources", "compartments", "keys", "routers"):
         v = rule.get(key, [])
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise StoreError(f"{where}.{key} must be a list of strings")
+            raise DataError(f"{where}.{key} must be a list of strings")
     if any(not re.fullmatch(r"[0-9a-f]{64}", k) for k in rule.get("keys", [])):
-        raise StoreError(f"{where}.keys must hold SHA-256 hex digests of keys (`cdm key`), never keys themselves")
+        raise DataError(f"{where}.keys must hold SHA-256 hex digests of keys (`cdm key`), never keys themselves")
     routers = rule.get("routers", list(ROUTERS))
     unknown = sorted(set(routers) - set(ROUTERS))
     if unknown:
-        raise StoreError(f"{where}.routers: unknown router(s) {', '.join(unknown)}; available: {', '.join(ROUTERS)}")
+        raise DataError(f"{where}.routers: unknown router(s) {', '.join(unknown)}; available: {', '.join(ROUTERS)}")
     admin = rule.get("admin", False)
     if not (admin is False or admin is True or admin == "store"):
-        raise StoreError(f'{where}.admin must be false, true (forget within this rule) or "store" (anywhere)')
+        raise DataError(f'{where}.admin must be false, true (forget within this rule) or "store" (anywhere)')
     return UserRule(tuple(rule.get("sources", [])), tuple(rule.get("compartments", [])), tuple(rule.get("keys", [])),
                     admin, tuple(r for r in ROUTERS if r in routers))
 
@@ -86,21 +87,21 @@ class Policy:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise StoreError(f"{origin}: not valid TOML ({e})") from None
+            raise DataError(f"{origin}: not valid TOML ({e})") from None
         extra = set(data) - {"users"}
         if extra:
-            raise StoreError(f"{origin}: unknown top-level field(s) {', '.join(sorted(extra))}; expected [users.NAME]")
+            raise DataError(f"{origin}: unknown top-level field(s) {', '.join(sorted(extra))}; expected [users.NAME]")
         table = data.get("users", {})
         if not isinstance(table, dict):
-            raise StoreError(f"{origin}: users must be [users.NAME] tables, got {type(table).__name__}")
+            raise DataError(f"{origin}: users must be [users.NAME] tables, got {type(table).__name__}")
         users = {name: _parse_rule(origin, name, rule) for name, rule in table.items()}
         owners: dict[str, str] = {}
         for name, r in users.items():
             for k in r.keys:
                 if owners.setdefault(k, name) != name:
-                    raise StoreError(f"{origin}: one key is listed for users {owners[k]} and {name}")
+                    raise DataError(f"{origin}: one key is listed for users {owners[k]} and {name}")
         if not users:
-            raise StoreError(f"{origin}: names no users")
+            raise DataError(f"{origin}: names no users")
         return cls(users, text, origin)
 
     @classmethod

@@ -122,7 +122,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
         if cfg.grouped and text_config(s) is not None:
             raise StoreError("--grouped needs class-conditional models; this store is text-conditioned")
     if not 1 <= cfg.max_steps <= timesteps:
-        raise StoreError(f"max_steps {cfg.max_steps} must be in 1..{timesteps}, the store's diffusion steps")
+        raise DataError(f"max_steps {cfg.max_steps} must be in 1..{timesteps}, the store's diffusion steps")
     # Sampling runs on `workers` long-lived threads whose model calls run on the batcher's one
     # thread, the only one that computes on several cores: the samplers run on one each and the
     # main thread computes nothing (sampler_thread says why it matters). Both stop at shutdown.
@@ -333,7 +333,7 @@ def _generate(store_path: Path, pipes: PipelineCache, batcher: Batcher, req, nam
         img = g.images[i]
         buf = io.BytesIO()
         Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(buf, format="PNG")
-        att = None if g.attribution is None else {c: round(float(w), 6) for c, w in zip(g.compartments, g.attribution[i])}
+        att = None if g.attribution is None else g.weights(g.attribution, i)
         out.append(SampleOut(png_base64=base64.b64encode(buf.getvalue()).decode(), label=req.label,
                              prompt=None if g.prompts is None else g.prompts[i], attribution=att))
     return GenerateOut(compartments=g.compartments, router=req.router, seconds=round(time.perf_counter() - t0, 3),

@@ -185,7 +185,7 @@ class SplitRule:
         if self.kind == "one":
             return source
         if self.kind == "iid":
-            return f"{source}-{_hash_int('compartment', seed, str(self), ihash) % self.k}"
+            return f"{source}-{hash_int('compartment', seed, str(self), ihash) % self.k}"
         if label_id is None:
             raise DataError(f"item {ihash[:12]} has no label; split rule {self} needs labels")
         return f"{source}-{label_id % self.k}"
@@ -193,11 +193,13 @@ class SplitRule:
 
 def assign_slice(ihash: str, slices: int, seed: int) -> int:
     """SISA slice of one item (Bourtoule et al. 2021): a pure function of (item, seed)."""
-    return _hash_int("slice", seed, str(slices), ihash) % slices
+    return hash_int("slice", seed, str(slices), ihash) % slices
 
 
-def _hash_int(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
+def hash_int(*parts: object, size: int = 8) -> int:
+    """A number that is a pure function of `parts`: the first `size` bytes of the SHA-256 of
+    the parts joined by \x1f. Every seed and assignment in cdm is one."""
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:size], "big")
 
 
 def to_tensor_array(pixels: list[np.ndarray]) -> np.ndarray:

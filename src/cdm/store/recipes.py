@@ -9,11 +9,11 @@ recipes without it.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .data import hash_int
 from .registry import Store
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def model_shape(store: Store) -> tuple[int, int, int]:
 
 def model_seed(store: Store, name: str) -> int:
     """Seed of one model: a pure function of the store seed and the model's name."""
-    return int.from_bytes(hashlib.sha256(f"model\x1f{store.config.seed}\x1f{name}".encode()).digest()[:8], "big") >> 1
+    return hash_int("model", store.config.seed, name) >> 1
 
 
 def null_label(store: Store) -> int:

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from .data import item_hash
-from ..errors import Busy, NotFound, NotReady, StoreError  # noqa: F401 (StoreError, NotReady: re-exported)
+from ..errors import Busy, NotFound, StoreError
 
 SCHEMA_VERSION = 1
 PARAGON = "paragon"

@@ -13,7 +13,8 @@ from dataclasses import asdict, replace
 from .executor import Executor, LocalExecutor, Task
 from .kinds import build_job, train_plan
 from ..store.recipes import router_config, train_config
-from ..store.registry import BASE, Store, StoreError
+from ..store.registry import BASE, Store
+from ..errors import DataError, StoreError
 from .job import Progress, TrainResult
 
 
@@ -41,14 +42,14 @@ def train(store: Store, compartments: list[str] | None = None, paragon: bool = F
             if value is None:
                 continue
             if value < 1:
-                raise StoreError(f"{'router_' if key == 'router' else ''}steps must be >= 1, got {value}")
+                raise DataError(f"{'router_' if key == 'router' else ''}steps must be >= 1, got {value}")
             if value != config(store).steps:
                 with store.tx() as db:
                     store.set_meta(db, key, asdict(replace(config(store), steps=value)))
                     store.log(db, "config", {f"{key}.steps": value}, actor)
         if epochs is not None:
             if epochs < 0 or epochs != epochs:
-                raise StoreError(f"epochs must be >= 0 (0: a fixed step count), got {epochs}")
+                raise DataError(f"epochs must be >= 0 (0: a fixed step count), got {epochs}")
             budget = epochs or None
             if budget != train_config(store).epochs:
                 with store.tx() as db:

@@ -18,7 +18,8 @@ from ..models.presets import default_preset, unet_config
 from ..models.text import build_default, check_folder
 from ..store.recipes import (AdapterConfig, RouterConfig, TextConfig, TrainConfig, check_kind, model_shape,
                              text_config, train_config)
-from ..store.registry import WEIGHTS, Store, StoreConfig, StoreError, crashpoint, file_digest
+from ..store.registry import WEIGHTS, Store, StoreConfig, crashpoint, file_digest
+from ..errors import DataError, StoreError
 from .sd import import_sd, install_base, is_sd_folder
 
 
@@ -49,10 +50,10 @@ def set_adapters(store: Store, public: list[str] | None = None, base_from: str |
         try:
             check_kind(kind, tokens)
         except ValueError as e:
-            raise StoreError(str(e)) from None
+            raise DataError(str(e)) from None
     if base_from is not None and not off and is_sd_folder(Path(base_from)):
         if public:
-            raise StoreError("a Stable Diffusion base is imported, not trained: give --base-from or --public")
+            raise DataError("a Stable Diffusion base is imported, not trained: give --base-from or --public")
         return import_sd(store, Path(base_from), rank, alpha, actor, kind, tokens)
     if not off and kind == "prompt" and text_config(store) is None:
         raise StoreError("prompt compartments need a text-conditioned store: run `cdm text` first")

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from .build import run_jobs
 from .executor import Executor, LocalExecutor
 from .kinds import build_job, kind_of, plan, saw
-from ..store.registry import PARAGON, ROUTER, NotFound, Store, StoreError, crashpoint
+from ..store.registry import PARAGON, ROUTER, Store, crashpoint
+from ..errors import DataError, NotFound
 from .job import Progress, stale_checkpoints
 
 
@@ -66,7 +67,7 @@ def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touch
 def _forget(store: Store, items, source, compartment, retrain, device, progress, actor, executor) -> ForgetResult:
     t0 = time.perf_counter()
     if sum(x is not None and x != [] for x in (items, source, compartment)) != 1:
-        raise StoreError("forget needs exactly one of: item hashes, a source, a compartment")
+        raise DataError("forget needs exactly one of: item hashes, a source, a compartment")
     rows = {r.hash: r for r in store.items()}
     comps = store.compartments()
     if items:

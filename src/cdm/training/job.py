@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..store.data import hash_int
 from ..store.recipes import RouterConfig, TrainConfig, is_full, recipe_fields
 from ..store.registry import ADAPTER_WEIGHTS, WEIGHTS
 
@@ -111,7 +112,7 @@ def stage_steps(total: int, stages: int) -> list[int]:
 
 
 def stage_seed(seed: int, k: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"stage\x1f{seed}\x1f{k}".encode()).digest()[:8], "big") >> 1
+    return hash_int("stage", seed, k) >> 1
 
 
 def stage_checkpoint(ckpt_dir: Path, k: int, spec: str) -> Path:

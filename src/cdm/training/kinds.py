@@ -20,7 +20,8 @@ import numpy as np
 from ..models.presets import text_unet_config, unet_config
 from ..store.recipes import (adapter_config, latent_config, latent_dir, model_seed, model_shape, null_label,
                              recipe_fields, router_config, text_config, text_dir, train_config)
-from ..store.registry import BASE, PARAGON, ROUTER, ItemRow, NotReady, Store, StoreError
+from ..store.registry import BASE, PARAGON, ROUTER, ItemRow, Store
+from ..errors import NotReady, StoreError
 from .job import TrainJob
 
 

@@ -21,7 +21,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from ..store.recipes import AdapterConfig, TrainConfig, latent_shape
 from ..models.latent import VAE_WEIGHTS, check_vae, read_json
 from ..store.recipes import latent_dir, train_config
-from ..store.registry import BASE, WEIGHTS, Store, StoreError, file_digest
+from ..store.registry import BASE, WEIGHTS, Store, file_digest
+from ..errors import StoreError
 from ..models.text import check_folder, install
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
