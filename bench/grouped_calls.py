@@ -1,5 +1,5 @@
 """One model step of a small composition, per call path: K separate calls against one grouped
-call (cdm.grouped), eager and through torch.compile, beside the paragon's one call on all
+call (cdm.models.grouped), eager and through torch.compile, beside the paragon's one call on all
 the rows. Medians of --repeats calls, every path measured in one run. Prints JSON, then a table.
 
     python bench/grouped_calls.py            # small preset, 8x8, G = 4 and 8 models, 1-4 rows each

@@ -41,7 +41,7 @@ from cdm.sampling.pipeline import CDMPipeline
 from cdm.sampling.settings import SamplingSettings
 from cdm.store.recipes import RouterConfig, TrainConfig
 
-# name: (sparse settings, None for the paragon; grouped calls, cdm.grouped)
+# name: (sparse settings, None for the paragon; grouped calls, cdm.models.grouped)
 CONFIGS = {"paragon": (None, False), "dense": ({}, False), "commit0": ({"commit": 0.0}, False),
            "dense grouped": ({}, True), "commit0 grouped": ({"commit": 0.0}, True)}
 

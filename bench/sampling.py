@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--routers", default=",".join(ROUTERS))
     ap.add_argument("--sparse", default="", help="comma-separated settings to time beside dense, "
                                                  "e.g. prune=5,commit=0.5 (see cdm.sampling.mixture.Mixture); "
-                                                 "grouped=1: one grouped model call per step (cdm.grouped)")
+                                                 "grouped=1: one grouped model call per step (cdm.models.grouped)")
     ap.add_argument("--fid", type=int, default=0, help="also measure FID with this many samples per configuration")
     ap.add_argument("--fid-batch", type=int, default=500, help="images per call when sampling for FID (grouped "
                                                                 "sparse steps group up to 32 rows per model)")
@@ -131,7 +131,7 @@ def main() -> None:
 
 def parse_setting(text: str) -> dict:
     """'subset=2+commit=0.5' -> {'subset': 2, 'commit': 0.5} (fields of SamplingSettings);
-    'grouped=1' asks for grouped model calls (cdm.grouped)."""
+    'grouped=1' asks for grouped model calls (cdm.models.grouped)."""
     out = {}
     for kv in text.split("+"):
         key, _, value = kv.strip().partition("=")

@@ -1,5 +1,5 @@
 """How full the server's wide calls can be under `--commit 0`: a simulation of the batcher's
-rounds (cdm.batching), no models. C clients each keep one request of n images in flight;
+rounds (cdm.sampling.batching), no models. C clients each keep one request of n images in flight;
 each image belongs to one of K compartments, drawn uniformly (commit 0 on iid compartments),
 and needs `rows` rows (2 with guidance) per step for S steps. A round runs one wide call of
 `slots` slots x `rows_per_slot` rows, filled from the waiting rows, older requests first;

@@ -7,7 +7,7 @@ Prints JSON, then a markdown table; grids go to --work.
     python bench/text2image.py --digits  # only: captioned digits, do prompts steer the models?
 
 Needs the vendor folders of `python bench/emoji.py --out bench-work/emoji`. Every store is
-text-conditioned with the embedded data-free encoder (cdm.text) and sampled with the ito
+text-conditioned with the embedded data-free encoder (cdm.models.text) and sampled with the ito
 router and guidance towards the held-out prompt (the empty prompt is the null). Stores:
 
 - vendor-2, equal steps: one full compartment per vendor, T steps each, and the paragon on
@@ -18,7 +18,7 @@ router and guidance towards the held-out prompt (the empty prompt is the null). 
   the emoji (both vendors' images of the same emoji, T steps, not counted in the budget).
 
 Held out: ~10% of the emoji (the same for both vendors, never ingested). Samples are
-prompted with their names; R-precision and the CLIP-style score come from cdm.alignment
+prompted with their names; R-precision and the CLIP-style score come from cdm.evaluation.alignment
 (trained on the held-out pairs only), FID from one feature extractor (emoji categories)
 for every store, memorization against each store's own items, and owner attribution is
 whether the top-attributed compartment is the vendor a judge (trained on the training

@@ -1,4 +1,4 @@
-"""The alignment metric (cdm.alignment): a contrastive model on held-out pairs, R-precision,
+"""The alignment metric (cdm.evaluation.alignment): a contrastive model on held-out pairs, R-precision,
 CLIP-style score, the real-CLIP path, and `cdm eval` on a text-conditioned store."""
 
 from __future__ import annotations

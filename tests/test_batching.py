@@ -1,4 +1,4 @@
-"""Batching model calls across requests (cdm.batching): a request's bytes alone and batched,
+"""Batching model calls across requests (cdm.sampling.batching): a request's bytes alone and batched,
 isolation of users' compartments, leaving mid-way, and the fixed-size chunks it relies on."""
 
 from __future__ import annotations

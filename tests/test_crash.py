@@ -162,7 +162,7 @@ def test_second_writer_is_refused_with_the_holder_named(tmp_path, digits):
                                            ("unet", "install:committed"), ("sd", "install:renamed"),
                                            ("sd", "install:committed")])
 def test_text_and_base_imports_killed_are_old_or_new_and_resume(tmp_path, digits, command, point):
-    """`cdm text`, `cdm adapters --base-from UNET_DIR` and `--base-from SD_DIR` (cdm.sd): the
+    """`cdm text`, `cdm adapters --base-from UNET_DIR` and `--base-from SD_DIR` (cdm.training.sd): the
     settings and the files they need are all live or none is."""
     from cdm.models.nets import build_unet
     from cdm.models.presets import unet_config

@@ -1,4 +1,4 @@
-"""Grouped model calls (cdm.grouped): equal to separate calls within float rounding."""
+"""Grouped model calls (cdm.models.grouped): equal to separate calls within float rounding."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_slots_trade_padding_against_their_number():
 
 def test_a_rows_result_does_not_depend_on_its_slot_or_company():
     """At a fixed (slots, rows) shape a row's bytes depend only on its model and itself:
-    what the batcher's fixed-shape wide calls rely on (cdm.batching)."""
+    what the batcher's fixed-shape wide calls rely on (cdm.sampling.batching)."""
     unets = [build_unet(unet_config("small", 8, 1, 10), seed).eval() for seed in range(4)]
     group, gen = Group(unets), torch.Generator().manual_seed(1)
     row, outs = torch.randn(1, 8, 8, generator=gen), []

@@ -1,4 +1,4 @@
-"""Stable Diffusion folders (cdm.sd): a tiny random SD folder written by diffusers'
+"""Stable Diffusion folders (cdm.training.sd): a tiny random SD folder written by diffusers'
 `StableDiffusionPipeline.save_pretrained`, imported, two LoRA compartments trained in its
 VAE's latent space, composed with every router, forgotten bit for bit; bad folders refused."""
 

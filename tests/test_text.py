@@ -1,4 +1,4 @@
-"""Text-conditioned stores (cdm.text): captions through a frozen encoder, prompts at sampling,
+"""Text-conditioned stores (cdm.models.text): captions through a frozen encoder, prompts at sampling,
 isolation, determinism, exact forgetting, access isolation, guidance and bad input."""
 
 from __future__ import annotations

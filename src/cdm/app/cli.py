@@ -1,4 +1,4 @@
-"""The `cdm` command: thin wrappers over `cdm.api` that print with rich, or JSON with --json."""
+"""The `cdm` command: thin wrappers over `cdm.app.api` that print with rich, or JSON with --json."""
 
 from __future__ import annotations
 

@@ -165,7 +165,7 @@ def _text_part(out: Path, cfg: DemoConfig, device: str, console: Console) -> lis
         lines += [f"Evaluation: {cfg.eval_samples} samples per model prompted with the held-out test split's captions, "
                   f"{cfg.eval_steps} DDPM steps, no guidance; "
                   f"R-precision among the {ev.real_alignment.candidates} distinct captions and the CLIP-style score "
-                  "come from a contrastive model trained on the held-out pairs only (cdm.alignment).", "",
+                  "come from a contrastive model trained on the held-out pairs only (cdm.evaluation.alignment).", "",
                   rep.table(), ""]
         return lines
     finally:

@@ -11,7 +11,7 @@
 - Attribution accuracy: on unconditional samples, the fraction whose top-attributed
   compartment holds data of the label the extractor reads in the sample (by-class splits).
 - Text-conditioned stores are prompted with held-out captions and scored for alignment too
-  (R-precision and a CLIP-style score, cdm.alignment); without labels, FID uses the
+  (R-precision and a CLIP-style score, cdm.evaluation.alignment); without labels, FID uses the
   alignment model's image features (or real CLIP's, `clip=DIR`).
 """
 
@@ -89,7 +89,7 @@ class Metrics:
     memorized: float  # fraction of samples
     memorized_by_compartment: dict[str, float] = field(default_factory=dict)  # by top-attributed compartment
     attribution_accuracy: float | None = None
-    r_precision: float | None = None  # text stores: top-1 retrieval of the own prompt (cdm.alignment)
+    r_precision: float | None = None  # text stores: top-1 retrieval of the own prompt (cdm.evaluation.alignment)
     clip_score: float | None = None  # text stores: 100 x max(cos(image, prompt), 0)
     sample_seconds: float = 0.0
     evaluations_per_sample_step: float = 0.0  # model evaluations per sample per sampler step

@@ -139,7 +139,7 @@ class AdapterBank:
             return self.unet(x, t, **unet_inputs(cond)).sample
 
     def denoiser(self, name: str):
-        """One adapter under the denoiser calling convention (cdm.denoisers)."""
+        """One adapter under the denoiser calling convention (cdm.models.denoisers)."""
         if name not in self.names:
             raise KeyError(name)
         def eps(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:

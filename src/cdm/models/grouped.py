@@ -255,7 +255,7 @@ class Group:
                  in_place: bool = False) -> torch.Tensor:
         """`in_place`: the slot list's weights are copied into one set of buffers, just the
         slots whose model changed since the last such call, instead of stacked anew and
-        cached: for a caller whose slot list changes with every call (cdm.batching)."""
+        cached: for a caller whose slot list changes with every call (cdm.sampling.batching)."""
         g, r = x.shape[:2]
         return self._run(x.transpose(0, 1).reshape(r, -1, *x.shape[3:]), t.t(), cond.t(),
                          self.every if models is None else tuple(models), in_place)
@@ -367,7 +367,7 @@ def slot_rows(counts: list[int], max_rows: int) -> int:
 
 
 def grouped_joint(group: Group, denoisers: list, max_rows: int = 32):
-    """A mixture's `joint` (cdm.mixture.Joint) in one wide call per step: the dense mixture
+    """A mixture's `joint` (cdm.models.denoisers.Joint) in one wide call per step: the dense mixture
     runs every model on every row; a sparse step runs just the models some row keeps, each
     on its kept rows in slots of `slot_rows` rows (a busy model takes several slots, the
     last padded by repeating a row, and the padding is thrown away). A step whose busiest

@@ -68,7 +68,7 @@ class Latents:
 
 
 def load_latents(folder: Path, config: LatentConfig, device: str | torch.device = "cpu") -> Latents:
-    """The VAE in `folder`, checked against the digest in `config` (`cdm.loading.load_vae` keeps it
+    """The VAE in `folder`, checked against the digest in `config` (`cdm.sampling.loading.load_vae` keeps it
     in memory)."""
     try:
         ok = vae_digest(folder) == config.digest

@@ -217,7 +217,7 @@ class Prompts:
 
 
 def load_encoder(folder: Path, digest: str, device: str | torch.device = "cpu") -> TextEncoder:
-    """The encoder in `folder`, checked against `digest` (`cdm.loading.load_text` keeps it in memory)."""
+    """The encoder in `folder`, checked against `digest` (`cdm.sampling.loading.load_text` keeps it in memory)."""
     if not folder.is_dir() or folder_digest(folder) != digest:
         raise StoreError(f"text encoder files in {folder} are missing or corrupted (expected digest "
                          f"{digest[:12]}); set the encoder again with `cdm text`")

@@ -15,13 +15,13 @@ call is made on exactly `chunk` rows, the last chunk padded; within a chunk a ro
 does not depend on its position or neighbours (tested in tests/test_batching.py).
 
 Grouped calls (`group_chunk`, `cdm serve --grouped`): the rows of every model of one
-`cdm.grouped.Group` go through wide calls of the whole group, `group_chunk` rows in each
+`cdm.models.grouped.Group` go through wide calls of the whole group, `group_chunk` rows in each
 model's slot (padded), so many small models cost about what one call costs. The shape is
 again fixed, and a row's result does not depend on what the other slots or rows hold (also
 tested), so a request's bytes stay the same alone or batched, and whichever round its rows
 fall in; they differ from separate calls in the last bits, as grouped calls do. A round makes
 one wide call per group, its slots given to the models with the most rows waiting (their
-weights copied in place, cdm.grouped.Group(in_place=True)); rows that do not fit wait for the
+weights copied in place, cdm.models.grouped.Group(in_place=True)); rows that do not fit wait for the
 next round (continuous batching), so a busy model does not pad every other model's slot.
 """
 

@@ -123,7 +123,7 @@ def load_vae(store: Store, device: str = "cpu"):
 
 
 def load_group(store: Store, names: list[str], unets: list, device: str = "cpu") -> Group:
-    """The models of `names` (loaded: `unets`) as one cdm.grouped.Group, shared by every
+    """The models of `names` (loaded: `unets`) as one cdm.models.grouped.Group, shared by every
     pipeline that composes them, so the server's wide calls carry all their requests."""
     base = store.model(BASE)
     digests = (*((base.digest,) if base else ()), *(store.model(n).digest for n in names))

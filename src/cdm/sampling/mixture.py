@@ -2,7 +2,7 @@
 
     eps(x_t, t, cond) = sum_i w_i(x_t, t) eps_i(x_t, t, cond),   w_i = p(compartment i | x_t)
 
-Derivation in docs/routers.md Sec. 1. The weights come from a router (cdm.routers); a
+Derivation in docs/routers.md Sec. 1. The weights come from a router (cdm.sampling.routers); a
 stateful one learns from each sampler step through `Mixture.on_step`, which the sampler
 calls like any other step hook, so a mixture wrapped in guidance (or anything else) still
 routes.

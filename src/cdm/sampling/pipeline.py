@@ -8,7 +8,7 @@
 snapshot: the access policy, checks that every model is trained and up to date, and model
 loading (only the composed compartments' files are opened; docs/architecture.md,
 invariant 4). A call then only samples: a mixture of the loaded denoisers, wrapped in
-classifier-free guidance, run by the flat sampler (cdm.sampler). `SamplingSettings` is the
+classifier-free guidance, run by the flat sampler (cdm.sampling.sampler). `SamplingSettings` is the
 one list of sampling options; the CLI, the HTTP service, evaluation, the demo and the
 benches all pass one.
 """
@@ -102,7 +102,7 @@ class CDMPipeline:
         Adapter compartments run `adapter_mode`: "merged" (each adapter folded into a copy of the
         base; fastest on CPU), "loop" (one base, adapters applied per call; least memory) or
         "joint" (one base, every adapter's rows in one batched call). `grouped` evaluates all
-        compartments in one vectorised call per step (cdm.grouped; last-bit differences)."""
+        compartments in one vectorised call per step (cdm.models.grouped; last-bit differences)."""
         if router not in ROUTERS:
             raise DataError(f"unknown router {router!r}; available: {', '.join(ROUTERS)}")
         if adapter_mode not in ADAPTER_MODES:
@@ -175,7 +175,7 @@ class CDMPipeline:
         stores) is one for all, a list with one per sample, or None (unconditional: the null
         label, or the empty prompt). `callback(step, total)` runs after every step (it may raise
         to stop). With `batcher` (inside its session), model calls are shared with other
-        requests sampling at the same time (cdm.batching); the images do not depend on the company."""
+        requests sampling at the same time (cdm.sampling.batching); the images do not depend on the company."""
         prompts = self._prompts(n, label, prompt)
         per_sample, lids = self._labels(n, label) if prompts is None else ([None] * n, None)
         if self.router is not None:

@@ -19,7 +19,7 @@ class RouterSpec:
     cls: str  # its class in cdm.sampling.routers
     stochastic: bool  # needs the stochastic (DDPM) sampler: its estimate is biased under DDIM
     stateful: bool  # carries state across steps, updated with each step's outcome (`update`)
-    trained: bool  # a network fit to every compartment's data: the "router" model (cdm.plan)
+    trained: bool  # a network fit to every compartment's data: the "router" model (cdm.training.kinds)
     summary: str
 
 

@@ -7,7 +7,7 @@ registry snapshot, so a forget or a new compartment swaps in atomically: a reque
 the old models or the new ones, never a mix. Admission is bounded
 (503 when full, 429 past a key's share), slots go round-robin over keys, a request's
 deadline is honoured while queued and while sampling (504), and a client that hangs up
-frees its slot. Requests sampling at the same time share their model calls (cdm.batching):
+frees its slot. Requests sampling at the same time share their model calls (cdm.sampling.batching):
 each keeps its own seed, router state, guidance, deadline and attribution, and its images
 are the same bytes as when it runs alone. What the service promises and how it is tested:
 docs/security.md.
@@ -54,7 +54,7 @@ from .middleware import BodyLimit, SecurityHeaders
 
 KEY_HEADER = "X-API-Key"
 STATIC = Path(__file__).parent / "static"  # the web page: no inline script or style (the CSP forbids both)
-log = logging.getLogger("cdm.serve")
+log = logging.getLogger("cdm.serving.routes")
 
 
 class SampleOut(BaseModel):

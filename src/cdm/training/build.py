@@ -1,6 +1,6 @@
 """Build models: run the jobs a plan names on an executor and install each result atomically.
 
-`train` is `cdm train`; `run_jobs` is shared with forgetting (cdm.forget). The executor
+`train` is `cdm train`; `run_jobs` is shared with forgetting (cdm.training.forget). The executor
 (local or Ray) never opens the registry: this process alone writes it, under the store's
 writer lock.
 """

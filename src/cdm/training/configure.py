@@ -44,7 +44,7 @@ def set_adapters(store: Store, public: list[str] | None = None, base_from: str |
     `alpha` defaults to 4 x rank (LoRA scale 4).
     Changing this makes every compartment stale; `cdm train` then rebuilds them.
     `base_from` may also be a Stable Diffusion folder: its UNet, text encoder, VAE and schedule
-    are imported together (cdm.sd). `kind` "prompt" makes each compartment a learned prompt
+    are imported together (cdm.training.sd). `kind` "prompt" makes each compartment a learned prompt
     of `tokens` vectors instead (text-conditioned stores)."""
     if not off:
         try:
@@ -87,7 +87,7 @@ def set_text(store: Store, encoder: str | Path | None = None, off: bool = False,
              actor: str | None = None) -> TextConfig | None:
     """Condition every denoiser on its items' captions through a frozen text encoder: the one in
     folder `encoder` (its `text_encoder/` and `tokenizer/`, e.g. a Stable Diffusion folder) or,
-    by default, the embedded data-free encoder (cdm.text). `off` goes back to class labels.
+    by default, the embedded data-free encoder (cdm.models.text). `off` goes back to class labels.
     Every stored caption must fit the encoder (the error names each item that does not, and
     nothing changes). Changing this makes every model stale; `cdm train` rebuilds them."""
     with store.writing("text"):

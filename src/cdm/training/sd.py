@@ -3,7 +3,7 @@ text-to-image half fine-tunes SD compartments).
 
 A diffusers `StableDiffusionPipeline` folder on disk (`unet/`, `vae/`, `text_encoder/`,
 `tokenizer/`, `scheduler/`) is imported into a store in one step: its text encoder becomes
-the store's frozen encoder (cdm.text), its VAE the store's latent space (cdm.latent), its
+the store's frozen encoder (cdm.models.text), its VAE the store's latent space (cdm.models.latent), its
 UNet the base every compartment is a LoRA adapter of, and its noise schedule the store's
 recipe. Nothing is downloaded. Each part is checked before anything is written, and an
 error names the part. Compartments then train, compose, attribute and forget as in any
