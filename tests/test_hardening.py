@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from cdm.app import api
 from cdm.store import data as cdm_data
 from cdm.app.cli import app as cli_app
-from cdm.errors import DataError, StoreError
+from cdm.errors import DataError
 from cdm.store.data import Item, load_builtin
 from cdm.ingest.folders import load_folder
 from cdm.training.forget import forget
@@ -397,7 +397,7 @@ def test_store_files_are_owner_only(tmp_path, digits):
                                   '[users.alice]\nsources = "digits"', '[users.alice]\nadmin = "yes"',
                                   '[users.alice]\nrouters = ["nope"]', '[users.alice]\nrouters = "ito"'])
 def test_malformed_policies_are_clear_errors(text):
-    with pytest.raises(StoreError) as e:
+    with pytest.raises(DataError) as e:  # bad input data (cdm.errors): exit 2, HTTP 422
         Policy.parse(text, "p.toml")
     assert str(e.value).startswith("p.toml: ") and "users" in str(e.value)
 

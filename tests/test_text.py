@@ -158,7 +158,7 @@ def test_bad_prompts_and_conditions_are_refused(tmp_path, owners, digits):
         pipe(3, prompt=["a", "b"])
     cls_store = make_store(tmp_path / "c", digits[:40], "iid:2")
     api.train(cls_store, router=False)
-    with pytest.raises(StoreError, match="class-conditional"):
+    with pytest.raises(DataError, match="class-conditional"):
         api.sample(cls_store, 1, prompt="a digit one", steps=2, allow=["digits-0"])
 
 

@@ -266,7 +266,7 @@ class CDMPipeline:
                              f"{', '.join(self.labels) or 'no labels'}")
         for lab in sorted(set(per_sample) - {None}):
             if not any(self.hist.get(c, {}).get(self.labels[lab], 0) for c in (self.hist if self.paragon else self.names)):
-                raise StoreError(f"label {lab!r} is in none of the composed compartments ({', '.join(self.names)})")
+                raise DataError(f"label {lab!r} is in none of the composed compartments ({', '.join(self.names)})")
         return per_sample, None if per_sample[0] is None else [self.labels[lab] for lab in per_sample]
 
 

@@ -138,7 +138,7 @@ class Policy:
         """Refuse a policy that names sources or compartments the store does not hold (typos)."""
         bad = [m for ms in self.missing(store).values() for m in ms]
         if bad:
-            raise StoreError(f"{self.origin} names source(s)/compartment(s) the store does not hold: {'; '.join(bad)}. "
+            raise DataError(f"{self.origin} names source(s)/compartment(s) the store does not hold: {'; '.join(bad)}. "
                              "Such names grant nothing; pass --allow-missing to set it anyway")
 
     def rule(self, user: str) -> UserRule:

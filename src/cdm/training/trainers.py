@@ -65,7 +65,7 @@ class ClassifierRouter:
 
     def schedule(self, job: TrainJob) -> dict:
         """The denoisers' noise schedule (diffusers' default spacing: only its betas are used)."""
-        return dict(beta_start=TrainConfig.beta_start, beta_end=TrainConfig.beta_end, **job.schedule)
+        return {"beta_start": TrainConfig.beta_start, "beta_end": TrainConfig.beta_end, **job.schedule}
 
     def loss(self, model, xt, t, cond, noise, target):
         return torch.nn.functional.cross_entropy(model(xt, t, cond), target)
