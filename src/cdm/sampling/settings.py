@@ -40,9 +40,11 @@ class Sparsity:
         return self.prune is None and self.commit is None and self.subset is None
 
 
-def option(default, help: str, *, ge=None, le=None, cap: tuple = (None, None), cli: bool = True, http: bool = True):
-    """A settings field: its default, help, inclusive bounds, the service's limits, and who offers it."""
-    return field(default=default, metadata=dict(help=help, ge=ge, le=le, cap=cap, cli=cli, http=http))
+def option(default, help: str, *, ge=None, le=None, cap: tuple = (None, None), finite: bool = True,
+           cli: bool = True, http: bool = True):
+    """A settings field: its default, help, inclusive bounds (`finite`: infinity is out of
+    bounds), the service's limits, and who offers it."""
+    return field(default=default, metadata=dict(help=help, ge=ge, le=le, cap=cap, finite=finite, cli=cli, http=http))
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class SamplingSettings:
     sampler: str = option("ddpm", "ddpm (ancestral) or ddim (deterministic).", http=False)
     seed: int = option(0, "Seed of the noise and of sparse routing's draws.", cap=(0, 2 ** 31 - 1))
     prune: float | None = option(None, "Sparse routing: skip compartments this many nats below the leader "
-                                       "(default: evaluate all).", ge=0, cap=(0, 1000))
+                                       "(default: evaluate all).", ge=0, cap=(0, 1000), finite=False)  # inf: none
     commit: float | None = option(None, "Sparse routing: after this fraction of the steps, each sample continues "
                                         "with one compartment drawn from its weights.", ge=0, le=1)
     subset: int | None = option(None, "Sparse routing: each sample composes this many compartments, drawn by "
@@ -67,12 +69,14 @@ class SamplingSettings:
 
     def __post_init__(self):
         for f in fields(self):
-            v, lo, hi = getattr(self, f.name), f.metadata["ge"], f.metadata["le"]
+            v, m = getattr(self, f.name), f.metadata
+            lo, hi = m["ge"], m["le"]
             if v is None or isinstance(v, str):
                 continue
-            if v != v or f.name == "guidance" and not math.isfinite(v) or lo is not None and v < lo \
-                    or hi is not None and v > hi:
-                raise DataError(f"{f.name} must be {_bounds(lo, hi)}, got {v}")
+            if v != v or m["finite"] and not math.isfinite(v) or lo is not None and v < lo or hi is not None and v > hi:
+                what = "a finite number" if m["finite"] and isinstance(v, float) else "a number"
+                raise DataError(f"{f.name} must be " + (f"{what} >= {lo}" if hi is None else f"{what} in [{lo}, {hi}]")
+                                + f", got {v}")
         if self.sampler not in SAMPLERS:
             raise DataError(f"unknown sampler {self.sampler!r}; available: {', '.join(SAMPLERS)}")
         self.sparsity  # checks the sparse options
@@ -80,12 +84,6 @@ class SamplingSettings:
     @property
     def sparsity(self) -> Sparsity:
         return Sparsity(self.prune, self.commit, self.subset)
-
-
-def _bounds(lo, hi) -> str:
-    if hi is None:
-        return f"a finite number >= {lo}"
-    return f"in [{lo}, {hi}]" if lo is not None else f"<= {hi}"
 
 
 # The two places that deliberately sample with other defaults, each said once here:

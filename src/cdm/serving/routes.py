@@ -293,7 +293,9 @@ def request_fields(cfg: ServeConfig) -> dict:
             continue
         lo = _tightest(max, m["ge"], m["cap"][0])
         hi = _tightest(min, m["le"], m["cap"][1], limits.get(f.name))
-        default = min(SERVED.steps, cfg.max_steps) if f.name == "steps" else getattr(SERVED, f.name)
+        default = getattr(SERVED, f.name)
+        if default is not None and hi is not None:
+            default = min(default, hi)  # a server with max_steps under the default defaults to its max
         floats = {} if int in typing.get_args(hints[f.name]) or hints[f.name] is int else {"allow_inf_nan": False}
         out[f.name] = (hints[f.name], Field(default, ge=lo, le=hi, description=m["help"], **floats))
     return out
