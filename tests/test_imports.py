@@ -29,7 +29,7 @@ def _modules() -> dict[str, ast.Module]:
 
 def _imports(name: str, node: ast.AST) -> set[str]:
     """The package's modules a node imports (relative imports resolved; packages as themselves)."""
-    here = name.split(".")[:-1] if not name.endswith("__init__") else name.split(".")[:-1]
+    here = name.split(".")[:-1]  # the package a relative import starts from ("app.__init__" -> app)
     out = set()
     for n in ast.walk(node):
         if isinstance(n, ast.ImportFrom) and n.level:
