@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cdm.app import api
 from cdm.app.cli import app as cli_app
 from cdm.errors import DataError
-from cdm.store.data import FASHION_MNIST_LABELS, load_builtin
+from cdm.store.data import FASHION_MNIST_LABELS, Item, load_builtin
 from cdm.evaluation.evaluate import EvalConfig, ExtractorConfig, evaluate_store
 from cdm.ingest.folders import file_item_id, load_folder
 from cdm.store.registry import Store
@@ -241,3 +241,87 @@ def test_emoji_script_reads_an_npm_tarball_into_a_captioned_imagefolder(tmp_path
     items = load_folder(tmp_path / "out" / "google", 32, 3, resize=True, label_column="label")
     assert sorted(it.caption for it in items) == sorted(r["text"] for r in recs)
     assert {it.label for it in items} == {"Smileys and Emotion", "People and Body"}
+
+
+# what an owner's folder can hold (issue: hardening, second pass) ------------------------------
+
+
+def test_only_png_jpeg_and_webp_are_opened_whatever_a_file_is_named(tmp_path, monkeypatch):
+    """PostScript saved as `a.png` is refused by name, and Pillow's EPS reader (which would
+    start Ghostscript) is never tried; nor is any other format's."""
+    from PIL import EpsImagePlugin
+
+    tried = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: tried.append(self) or 1 / 0)
+    root = tmp_path / "f"
+    root.mkdir()
+    Image.fromarray(_rgb(0)).save(root / "ok.png")
+    (root / "a.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    Image.fromarray(_rgb(1)).save(root / "b.png", format="BMP")  # a BMP under a PNG name
+    with pytest.raises(DataError) as e:
+        load_folder(root, 8, 3)
+    msg = str(e.value)
+    assert f"{root / 'a.png'}: not a PNG, JPEG or WEBP image" in msg and f"{root / 'b.png'}: not a PNG" in msg
+    assert tried == []
+
+
+def test_image_dimensions_are_checked_before_decoding(tmp_path, monkeypatch):
+    """An image over the pixel limit is refused from its header, with or without --resize; one
+    of another size is a mismatch without being decoded. Nothing is decoded in either case."""
+    root = tmp_path / "f"
+    root.mkdir()
+    Image.new("L", (5000, 5000)).save(root / "bomb.png")  # 25 Mpx, a few kB on disk
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or 1 / 0)
+    with pytest.raises(DataError, match=r"bomb.png: 5000x5000 is 25000000 pixels, over the limit of 16777216"):
+        load_folder(root, 8, 1, resize=True)
+    with pytest.raises(DataError, match=r"are 5000x5000 L\)"):
+        load_folder(root, 8, 1)
+    with pytest.raises(DataError, match=r"over the limit of 100 "):
+        load_folder(root, 8, 1, resize=True, max_pixels=100)
+    assert decoded == []
+    monkeypatch.undo()
+    Image.new("L", (16, 16)).save(root / "bomb.png")
+    assert load_folder(root, 8, 1, resize=True, max_pixels=256)[0].pixels.shape == (8, 8, 1)  # a raised limit
+    s = api.init_store(tmp_path / "s")
+    r = CliRunner().invoke(cli_app, ["ingest", str(tmp_path / "s"), "--source", "s", "--folder", str(root),
+                                     "--resize", "--max-pixels", "100"])
+    assert r.exit_code == 2 and "over the limit of 100" in r.output and not s.items()  # nothing was written
+
+
+def test_a_forgotten_caption_leaves_no_bytes_in_the_registry_file(tmp_path, monkeypatch):
+    """Every registry connection sets `secure_delete`, so a forgotten item's caption is not left
+    in a free page of the registry (or its journal), even where SQLite's default is off."""
+    import sqlite3
+
+    real = sqlite3.connect
+
+    def connect(*args, **kw):  # a SQLite build whose default is secure_delete = OFF
+        db = real(*args, **kw)
+        db.execute("PRAGMA secure_delete = OFF")
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    secret = "zebra crossing at dawn, owner 4711"
+    items = [Item(_rgb(i), None, f"x{i}", secret if i == 0 else f"plain {i}") for i in range(6)]
+    s = _store(tmp_path / "s")
+    api.ingest(s, "pets", items, "iid:2")
+    assert secret in s.captions().values()
+    api.forget(s, [items[0].hash], retrain=False)
+    s.close()
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "s").glob("registry.sqlite*"))
+    assert secret.encode() not in blob and b"plain 3" in blob
+
+
+def test_sampling_a_captioned_class_store_says_how_to_condition_on_text(tmp_path):
+    _folder(tmp_path / "in", n=6)
+    s = _store(tmp_path / "s")
+    api.ingest(s, "pets", load_folder(tmp_path / "in", 8, 3), "iid:2")
+    api.train(s, router=False)
+    r = CliRunner().invoke(cli_app, ["sample", str(tmp_path / "s"), "-n", "1", "--steps", "1",
+                                     "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "have captions" in r.output and "cdm text STORE" in r.output
+    r = CliRunner().invoke(cli_app, ["sample", str(tmp_path / "s"), "-n", "1", "--steps", "1", "--label", "dog",
+                                     "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "have captions" not in r.output  # a label was asked for: nothing to say

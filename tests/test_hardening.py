@@ -13,6 +13,7 @@ import sqlite3
 import stat
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -212,6 +213,21 @@ def test_errors_do_not_echo_store_paths(served, tmp_path):
         r = c.post("/v1/generate", json={"n": 1, "steps": 2}, headers=H("alice"))
         assert r.status_code == 503 and "digits-1" in r.text
         assert str(tmp_path) not in r.text and "/models/" not in r.text
+
+
+def test_a_short_store_name_is_scrubbed_as_a_path_never_inside_words(tmp_path, monkeypatch):
+    """`cdm serve art` (a relative name that is also part of words): error text keeps its words,
+    and the store's path is still never echoed."""
+    from cdm.serving.routes import scrub_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "art").mkdir()
+    art = Path("art")
+    assert scrub_paths("this key may not use the requested compartment(s)", art) == \
+        "this key may not use the requested compartment(s)"
+    assert scrub_paths("a party started", art) == "a party started"
+    out = scrub_paths(f"files of x (art/models/x in the store) at {tmp_path}/art/models/y; the store art.", art)
+    assert "art" not in out.replace("<store>", "") and str(tmp_path) not in out
 
 
 # 4. admin scope ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from cdm.app import api
 from cdm.errors import DataError, StoreError
+from cdm.store.data import check_caption
 from cdm.training.forget import forget
 from cdm.sampling.pipeline import CDMPipeline
 from cdm.sampling.settings import SamplingSettings
@@ -150,7 +151,7 @@ def test_bad_prompts_and_conditions_are_refused(tmp_path, owners, digits):
     s = two_owner_store(tmp_path / "s", owners)
     pipe = CDMPipeline.from_store(s)
     limit = pipe.cond.encoder.max_length
-    with pytest.raises(StoreError, match=f"at most {limit}"):
+    with pytest.raises(DataError, match=f"at most {limit}"):
         pipe(1, prompt="x" * (limit + 5))
     with pytest.raises(DataError, match="give a prompt, not a label"):
         pipe(1, "3")
@@ -160,6 +161,24 @@ def test_bad_prompts_and_conditions_are_refused(tmp_path, owners, digits):
     api.train(cls_store, router=False)
     with pytest.raises(DataError, match="class-conditional"):
         api.sample(cls_store, 1, prompt="a digit one", steps=2, allow=["digits-0"])
+
+
+def test_prompts_follow_the_caption_rules_and_errors_do_not_echo_them(tmp_path, owners):
+    """Control characters and bidirectional overrides are refused in prompts as in captions; a
+    blank prompt is the empty prompt (the same bytes); an error never quotes the prompt."""
+    s = two_owner_store(tmp_path / "s", owners)
+    pipe = CDMPipeline.from_store(s)
+    settings = SamplingSettings(steps=3, seed=2)
+    for bad in ("a\x00b", "a \x1b[31m red", "a \u202e reversed", "isolated \u2066 text"):
+        with pytest.raises(DataError, match="prompt holds control character"):
+            pipe(1, prompt=bad, settings=settings)
+    blank, empty = pipe(2, prompt="  \n ", settings=settings), pipe(2, prompt="", settings=settings)
+    assert np.array_equal(blank.images, empty.images) and blank.prompts == ["", ""]
+    with pytest.raises(DataError) as e:
+        pipe(1, prompt="my secret plan " * 20, settings=settings)
+    assert "secret" not in str(e.value) and "tokens" in str(e.value)
+    with pytest.raises(DataError, match="control character"):
+        check_caption("left \u202e right")
 
 
 def test_captions_that_do_not_fit_the_encoder_change_nothing(tmp_path, digits):

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import CdmError, NotFound
-from ..ingest.folders import file_item_id, load_folder
+from ..ingest.folders import MAX_PIXELS, file_item_id, load_folder
 from ..models.presets import default_preset
 from ..sampling.policy import Policy, new_key, set_store_policy, store_policy
 from ..sampling.router_specs import DEFAULT_ROUTER, ROUTER_SPECS, router_help
@@ -115,6 +115,8 @@ def ingest(store: Path, source: str = typer.Option(..., help="Name of the data o
            resize: bool = typer.Option(False, help="Convert images of another size or mode (bicubic)."),
            follow_symlinks: bool = typer.Option(False, help="Read what symbolic links in the folder point to "
                                                             "(refused by default)."),
+           max_pixels: int = typer.Option(MAX_PIXELS, help="Largest image read, width x height (checked before "
+                                                           "decoding)."),
            json_out: bool = typer.Option(False, "--json")) -> None:
     """Add a source's items to the store, assigning each to a compartment and a slice.
     A builtin's training split is ingested; its test split stays held out for `cdm eval`."""
@@ -128,7 +130,7 @@ def ingest(store: Path, source: str = typer.Option(..., help="Name of the data o
                 items = api.resize_items(items, cfg.image_size, cfg.channels)
         else:
             items = load_folder(folder, cfg.image_size, cfg.channels, resize, follow_symlinks, caption_column,
-                                label_column)
+                                label_column, max_pixels)
         r = api.ingest(s, source, items, split)
     _emit({"added": r.added, "duplicates": r.duplicates, "compartments": r.compartments}, json_out)
     if not json_out:
@@ -309,6 +311,10 @@ def sample(store: Path, n: int = typer.Option(8, "-n", help="Number of samples."
                                       router=router, paragon=paragon, adapter_mode=adapter_mode, grouped=grouped,
                                       device=device)
         g = pipe(len(asked) if isinstance(asked, list) else n, label, settings, prompt=asked)
+        if not pipe.text and label is None and s.captions():  # a captioned store sampled unconditionally
+            err.print("[yellow]note:[/] this store's items have captions, but its models are conditioned on class "
+                      "labels, so these samples follow no text. `cdm text STORE` conditions them on the captions "
+                      "(then `cdm train`, and sample with --prompt).")
         files, grid = write_samples(g.images, out_dir)
         recs = g.records(files)
     _emit({"grid": grid, "compartments": g.compartments, "router": g.router, "samples": recs}, json_out)

@@ -9,9 +9,13 @@ Three layouts, the ecosystem's conventions:
 - a caption sidecar per image (`001.png` + `001.txt`), as LoRA training tools use.
 
 Every file and row is checked before anything is returned, and every problem is named
-(file, metadata line, column). Images are read with Pillow. Transparent pixels are
-composited onto white (`ALPHA_BACKGROUND`). With `resize`, an image of another size or mode
-is converted and resized with the bicubic filter (`RESIZE_FILTER`).
+(file, metadata line, column). Images are read with Pillow, as PNG, JPEG or WebP only
+(`FORMATS`): Pillow tries no other format's reader, whatever a file holds or is named. An
+image's size is checked from its header before it is decoded: one of another size is a
+mismatch (without `resize`), and one over `max_pixels` (`MAX_PIXELS`, width x height) is
+refused either way. Transparent pixels are composited onto white (`ALPHA_BACKGROUND`). With
+`resize`, an image of another size or mode is converted and resized with the bicubic filter
+(`RESIZE_FILTER`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,8 @@ from ..errors import DataError
 from ..store.data import Item, check_caption, item_hash
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+FORMATS = ("PNG", "JPEG", "WEBP")  # the only readers Pillow may use
+MAX_PIXELS = 4096 * 4096  # largest image read (width x height); `cdm ingest --max-pixels` raises it
 METADATA = ("metadata.jsonl", "metadata.csv")
 ALPHA_BACKGROUND = (255, 255, 255)  # white
 RESIZE_FILTER = Image.Resampling.BICUBIC
@@ -44,7 +51,8 @@ class FormatMismatch(DataError):
 
 
 def load_folder(folder: Path, image_size: int, channels: int, resize: bool = False, follow_symlinks: bool = False,
-                caption_column: str | None = None, label_column: str | None = None) -> list[Item]:
+                caption_column: str | None = None, label_column: str | None = None,
+                max_pixels: int = MAX_PIXELS) -> list[Item]:
     """The items of `folder` (see the module docstring for the layouts). `caption_column`
     (default `text`) and `label_column` name metadata columns. Symbolic links are refused
     unless `follow_symlinks`: a link can point outside the folder the owner handed over."""
@@ -68,7 +76,7 @@ def load_folder(folder: Path, image_size: int, channels: int, resize: bool = Fal
     items, problems, mismatched = [], [], []
     for path, label, caption in entries:
         try:
-            items.append(Item(read_image(path, image_size, channels, resize), label, str(path), caption))
+            items.append(Item(read_image(path, image_size, channels, resize, max_pixels), label, str(path), caption))
         except FormatMismatch as e:
             mismatched.append((path, e))
         except DataError as e:
@@ -205,13 +213,25 @@ def _rows(meta: Path, text: str) -> tuple[list[tuple[int, dict]], list[str]]:
     return rows, problems
 
 
-def read_image(path: Path, size: int, channels: int, resize: bool = False) -> np.ndarray:
+def read_image(path: Path, size: int, channels: int, resize: bool = False, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """One image file as canonical uint8 (size, size, channels) pixels (see the module docstring)."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # Pillow's own, larger bomb limit: ours is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=FORMATS)
+        with im:
+            w, h = im.size
+            if (w, h) != (size, size) and not resize:  # refused before decoding
+                mode = canonical_mode(im)
+                raise FormatMismatch(im.size, mode, f"{w}x{h} {mode}, the store holds {size}x{size} {MODES[channels]}")
+            if w * h > max_pixels:
+                raise DataError(f"{w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
+                                "(`cdm ingest --max-pixels` raises it)")
             im.load()
             img = im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise DataError(f"not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} image (cdm reads only these formats)") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"unreadable or corrupt image ({e.__class__.__name__})") from None
     return canonical(img, size, channels, resize)
 
@@ -220,6 +240,11 @@ def file_item_id(path: Path, size: int, channels: int) -> str:
     """The id an ingest gave (or would give) this file in a store of this format: the hash of its
     canonical pixels, converted as `--resize` converts (not the file's own SHA-256)."""
     return item_hash(read_image(Path(path), size, channels, resize=True))
+
+
+def canonical_mode(img: Image.Image) -> str:
+    """The mode `canonical` reads an image as before converting it to the store's: L or RGB."""
+    return "L" if img.mode in ("L", "LA", "1") else "RGB"
 
 
 def canonical(img: Image.Image, size: int, channels: int, resize: bool = False) -> np.ndarray:

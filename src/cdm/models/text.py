@@ -29,7 +29,7 @@ import torch
 
 from .denoisers import fixed_chunks
 from ..store.recipes import TextConfig
-from ..errors import StoreError
+from ..errors import DataError, StoreError
 
 ENCODER, TOKENIZER = "text_encoder", "tokenizer"
 
@@ -179,11 +179,12 @@ class TextEncoder:
             raise StoreError(f"{len(bad)} caption(s) do not fit the text encoder, nothing changed:\n  "
                              + "\n  ".join(bad[:20]))
 
-    def check(self, prompts: list[str], what: str = "prompt") -> None:
-        """Refuse a prompt longer than the encoder reads (it would be cut silently)."""
-        for p, n in zip(prompts, self.lengths(prompts)):
+    def check(self, prompts: list[str]) -> None:
+        """Refuse a prompt longer than the encoder reads (it would be cut silently). The error
+        does not quote the prompt: it may be a client's secret, and errors travel back."""
+        for n in self.lengths(prompts):
             if n > self.max_length:
-                raise StoreError(self.too_long(p, n, what))
+                raise DataError(f"a prompt of {n} tokens; the text encoder reads at most {self.max_length}")
 
     @torch.no_grad()
     def encode(self, prompts: list[str], chunk: int = 16) -> torch.Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .batching import Batcher, batched, BatchedJoint
-from ..store.data import to_uint8_images
+from ..store.data import check_prompt, to_uint8_images
 from ..models.denoisers import ClassLabels, guided, unet_denoiser
 from ..models.grouped import Group, grouped_joint
 from .cache import LRU
@@ -249,6 +249,7 @@ class CDMPipeline:
             raise DataError(f"got {len(per_sample)} prompts for n={n} samples")
         if any(not isinstance(p, str) for p in per_sample):
             raise DataError("a prompt must be text")
+        per_sample = [check_prompt(p) for p in per_sample]  # the caption rules; blank: the empty prompt
         self.cond.encoder.check(list(dict.fromkeys(per_sample)))
         return per_sample
 

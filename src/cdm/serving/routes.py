@@ -95,10 +95,12 @@ def _clean(x: object, limit: int = 300) -> str:
 
 
 def scrub_paths(msg: str, *roots: Path) -> str:
-    """Never echo where the store lives (or any other absolute path) to a client."""
+    """Never echo where the store lives (or any other absolute path) to a client. The store's
+    path is replaced only where it stands as a path (a short relative name like `art` is left
+    alone inside a word such as "compartment")."""
     for r in roots:
-        for form in {str(r.resolve()), str(r.absolute()), str(r)}:
-            msg = msg.replace(form, "<store>")
+        for form in sorted({str(r.resolve()), str(r.absolute()), str(r)}, key=len, reverse=True):
+            msg = re.sub(r"(?<![\w./~-])" + re.escape(form) + r"(?![\w~-])", "<store>", msg)
     return re.sub(r"(?<![\w<])/(?:[^\s'\"(),:;]+/)+[^\s'\"(),:;]*", "<path>", msg)
 
 

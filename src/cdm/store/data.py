@@ -71,9 +71,13 @@ def check_label(label: str) -> str:
     return label
 
 
+BIDI = {*range(0x202A, 0x202F), *range(0x2066, 0x206A)}  # embeddings, overrides and isolates: text that reads
+# differently from what it holds
+
+
 def check_caption(text: str) -> str:
     """A caption, canonical: runs of whitespace (newlines too) become one space; 1-1000
-    characters; no other control characters."""
+    characters; no other control characters, and no bidirectional overrides."""
     if not isinstance(text, str):
         raise DataError(f"caption must be text, got {type(text).__name__}")
     canon = " ".join(text.split())
@@ -81,10 +85,21 @@ def check_caption(text: str) -> str:
         raise DataError("empty caption")
     if len(canon) > CAPTION_MAX:
         raise DataError(f"caption of {len(canon)} characters (at most {CAPTION_MAX})")
-    bad = sorted({f"U+{ord(c):04X}" for c in canon if unicodedata.category(c) in ("Cc", "Cs")})
+    bad = sorted({f"U+{ord(c):04X}" for c in canon if unicodedata.category(c) in ("Cc", "Cs") or ord(c) in BIDI})
     if bad:
         raise DataError(f"caption holds control character(s) {', '.join(bad)}")
     return canon
+
+
+def check_prompt(text: str) -> str:
+    """A prompt follows the caption rules (`check_caption`), except that a blank one is the
+    empty prompt (unconditional): canonical, or ""."""
+    if isinstance(text, str) and not text.strip():
+        return ""
+    try:
+        return check_caption(text)
+    except DataError as e:  # the same rule, said of a prompt; no message quotes the text
+        raise DataError(str(e).replace("caption", "prompt")) from None
 
 
 # --- sources --------------------------------------------------------------------------

@@ -192,6 +192,7 @@ class Store:
             raise NotFound(f"{root} is not a cdm store (no registry.sqlite); create one with `cdm init`")
         db = sqlite3.connect(path, isolation_level=None, timeout=30)
         db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA secure_delete = ON")  # deleted rows (a forgotten caption) are overwritten, not left in free pages
         try:
             version = json.loads(db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
             config = StoreConfig(**json.loads(db.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0]))
