@@ -330,3 +330,35 @@ def test_a_prompts_embedding_does_not_depend_on_its_company(tmp_path):
     many = [f"caption number {i}" for i in range(37)]
     alone = enc.encode(["caption number 20"])
     assert torch.equal(enc.encode(many)[20], alone[0]) and torch.equal(enc.encode(many[18:23])[2], alone[0])
+
+
+def test_imported_encoders_are_safetensors_only_hold_no_links_and_are_kept_owner_only(tmp_path, digits):
+    """An encoder folder (`cdm text --encoder`, an SD folder's parts) with pickled weights only
+    is refused with how to convert them; a symbolic link inside is refused by name; what is
+    copied into the store is owner-only whatever the source's modes. Nothing is written."""
+    import os
+    import stat
+
+    from safetensors.torch import load_file
+
+    s = make_store(tmp_path / "s", captioned(digits[:30]), "iid:2")
+    enc = build_default(tmp_path / "enc")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(enc, pickled)
+    torch.save(load_file(str(pickled / "text_encoder" / "model.safetensors")), pickled / "text_encoder" / "pytorch_model.bin")
+    (pickled / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(DataError, match=r"has no model.safetensors: cdm reads safetensors weights only.*safe_serialization"):
+        api.set_text(s, pickled)
+    linked = tmp_path / "linked"
+    shutil.copytree(enc, linked)
+    (tmp_path / "elsewhere.txt").write_text("not the owner's")
+    os.symlink(tmp_path / "elsewhere.txt", linked / "text_encoder" / "notes.txt")
+    with pytest.raises(DataError, match=r"(?s)1 symbolic link\(s\).*text_encoder/notes.txt"):
+        api.set_text(s, linked)
+    assert api.text_config(s) is None and not (s.root / "text").exists()
+    for p in enc.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    cfg = api.set_text(s, enc)
+    installed = [s.root / "text" / cfg.digest, *(s.root / "text" / cfg.digest).rglob("*")]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in installed if p.is_file()} == {0o600}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in installed if p.is_dir()} == {0o700}

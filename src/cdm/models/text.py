@@ -29,9 +29,11 @@ import torch
 
 from .denoisers import fixed_chunks
 from ..store.recipes import TextConfig
+from ..store.registry import owner_only, refuse_links
 from ..errors import DataError, StoreError
 
 ENCODER, TOKENIZER = "text_encoder", "tokenizer"
+SAFETENSORS = "model.safetensors"  # transformers' weights file: the only one read
 
 
 def _byte_symbols() -> list[str]:
@@ -105,6 +107,11 @@ def check_folder(folder: Path) -> tuple[TextConfig, "TextEncoder"]:
         if not (folder / part).is_dir():
             raise StoreError(f"text encoder folder {folder} has no {part}/ (a CLIP text encoder needs "
                              f"{ENCODER}/ and {TOKENIZER}/, as in a Stable Diffusion folder)")
+    refuse_links(folder / ENCODER, folder / TOKENIZER)
+    if not (folder / ENCODER / SAFETENSORS).is_file():
+        raise DataError(f"{folder / ENCODER} has no {SAFETENSORS}: cdm reads safetensors weights only, never "
+                        "pickled ones (.bin). Convert them once with transformers: CLIPTextModel.from_pretrained(DIR)"
+                        ".save_pretrained(DIR, safe_serialization=True)")
     try:
         enc = TextEncoder(folder)
     except StoreError:
@@ -124,6 +131,7 @@ def install(folder: Path, dest_root: Path, digest: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     for part in (ENCODER, TOKENIZER):
         shutil.copytree(folder / part, tmp / part)
+    owner_only(tmp)  # the store's files are owner-only, whatever the source's modes (docs/security.md)
     if folder_digest(tmp) != digest:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StoreError(f"text encoder folder {folder} changed while it was copied")
@@ -144,7 +152,8 @@ class TextEncoder:
         except Exception as e:
             raise StoreError(f"{folder / TOKENIZER}: not a CLIP tokenizer ({e})") from e
         try:
-            self.model = CLIPTextModel.from_pretrained(folder / ENCODER).to(device).eval().requires_grad_(False)
+            self.model = CLIPTextModel.from_pretrained(folder / ENCODER, use_safetensors=True).to(device).eval() \
+                .requires_grad_(False)
         except Exception as e:
             raise StoreError(f"{folder / ENCODER}: not a CLIPTextModel ({e})") from e
         positions = self.model.config.max_position_embeddings

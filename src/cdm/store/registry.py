@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from .data import item_hash
-from ..errors import Busy, NotFound, StoreError
+from ..errors import Busy, DataError, NotFound, StoreError
 
 SCHEMA_VERSION = 1
 PARAGON = "paragon"
@@ -105,6 +105,21 @@ def crashpoint(name: str) -> None:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def refuse_links(*folders: Path) -> None:
+    """A folder imported into the store (an encoder, a UNet, a VAE) may hold no symbolic link:
+    a link can point anywhere on the machine, and its target would be read and copied in."""
+    links = sorted(str(p) for f in folders for p in [f, *Path(f).rglob("*")] if p.is_symlink())
+    if links:
+        raise DataError(f"{len(links)} symbolic link(s) in an imported folder, nothing was imported:\n  "
+                        + "\n  ".join(links[:20]))
+
+
+def owner_only(folder: Path) -> None:
+    """Make a copied-in folder owner-only (a copy keeps its source's modes)."""
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod(0o700 if p.is_dir() else 0o600)
 
 
 def file_digest(path: Path) -> str:

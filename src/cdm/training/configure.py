@@ -18,7 +18,7 @@ from ..models.presets import default_preset, unet_config
 from ..models.text import build_default, check_folder
 from ..store.recipes import (AdapterConfig, RouterConfig, TextConfig, TrainConfig, check_kind, model_shape,
                              text_config, train_config)
-from ..store.registry import WEIGHTS, Store, StoreConfig, crashpoint, file_digest
+from ..store.registry import WEIGHTS, Store, StoreConfig, crashpoint, file_digest, refuse_links
 from ..errors import DataError, StoreError
 from .sd import import_sd, install_base, is_sd_folder
 
@@ -119,6 +119,7 @@ def _check_base_folder(store: Store, folder: Path) -> str:
     if not f.is_file() or not (folder / "config.json").is_file():
         raise StoreError(f"{folder} is not a diffusers UNet folder (needs config.json and {WEIGHTS}) "
                          "nor a Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    refuse_links(folder)
     conf = UNet2DModel.load_config(folder)
     cfg, text = store.config, text_config(store)
     channels, size, _ = model_shape(store)

@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from ..store.recipes import AdapterConfig, TrainConfig, latent_shape
 from ..models.latent import VAE_WEIGHTS, check_vae, read_json
 from ..store.recipes import latent_dir, train_config
-from ..store.registry import BASE, WEIGHTS, Store, file_digest
+from ..store.registry import BASE, WEIGHTS, Store, file_digest, refuse_links
 from ..errors import StoreError
 from ..models.text import check_folder, install
 
@@ -39,6 +39,7 @@ def check_sd_folder(store: Store, folder: Path) -> dict:
     if missing:
         raise StoreError(f"Stable Diffusion folder {folder} has no {', '.join(p + '/' for p in missing)} "
                          f"(needs {', '.join(p + '/' for p in PARTS)})")
+    refuse_links(*(folder / p for p in PARTS))
     sched = read_json(folder / "scheduler" / "scheduler_config.json")
     if sched.get("prediction_type", "epsilon") != "epsilon":
         raise StoreError(f"{folder / 'scheduler'}: prediction_type {sched['prediction_type']!r}; cdm's samplers "
