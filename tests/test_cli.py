@@ -28,7 +28,9 @@ def test_cli_story(tmp_path):
     r = json.loads(cdm("ingest", st, "--source", "digits", "--builtin", "digits", "--split", "by-class:2",
                        "--json").stdout)
     assert (r["added"], r["duplicates"]) == (0, 1497)
-    rows = json.loads(cdm("train", st, "--steps", "6", "--json").stdout)
+    trained = cdm("train", st, "--steps", "6", "--json")
+    assert "train digits-0: 100% (6/6 steps)" in trained.stderr  # not a terminal: plain progress lines
+    rows = json.loads(trained.stdout)
     assert [x["name"] for x in rows] == ["digits-0", "digits-1", "router"]
     assert all(len(x["digest"]) == 64 for x in rows)
     assert [x["steps"] for x in rows[:2]] == [6, 6]  # --steps is the denoisers' recipe; the router keeps its own
@@ -106,3 +108,23 @@ def test_demo_writes_a_report(tmp_path):
     assert "Smoke run (`--quick`)" in report and "attribution accuracy column stays empty" in report
     uniform = report.split("**CDM-4, uniform router**")[1].split("mean largest")[0]
     assert [row.split("|")[3].strip() for row in uniform.splitlines() if row.startswith("| digits-")] == ["0.25"] * 4
+
+
+def test_training_progress_is_plain_lines_when_not_on_a_terminal():
+    """Output to a log or a pipe: a line per job every few percent, with the time left, so a
+    long run is never silent (a rich bar draws nothing there)."""
+    import io
+
+    from rich.console import Console
+
+    from cdm.app.progress import training_progress
+
+    buf = io.StringIO()
+    ctx, cb = training_progress(Console(file=buf, force_terminal=False, width=200))
+    with ctx:
+        for i in range(1, 101):
+            cb("digits-0", i, 100, 0.5)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("train digits-0: 1% (1/100 steps), loss 0.5000")
+    assert lines[-1].startswith("train digits-0: 100% (100/100 steps)") and 20 <= len(lines) <= 22
+    assert all("s left" in ln for ln in lines[1:-1])
