@@ -21,7 +21,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +72,9 @@ class EvalConfig:
     def record(self) -> dict:
         """As the report records it: one flat dict (the sampling options that differ from the
         defaults beyond steps, guidance, seed and batch size are listed only when set)."""
-        s, plain = self.sampling, SamplingSettings()
-        extra = {k: getattr(s, k) for k in ("sampler", "prune", "commit", "subset") if getattr(s, k) != getattr(plain, k)}
+        s, plain, flat = self.sampling, SamplingSettings(), ("steps", "guidance", "seed", "batch_size")
+        extra = {f.name: getattr(s, f.name) for f in fields(SamplingSettings)
+                 if f.name not in flat and getattr(s, f.name) != getattr(plain, f.name)}
         return dict(samples=self.samples, steps=s.steps, guidance=s.guidance, seed=s.seed, batch_size=s.batch_size,
                     alpha=self.alpha, neighbours=self.neighbours, attribution_samples=self.attribution_samples, **extra)
 

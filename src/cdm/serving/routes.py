@@ -53,6 +53,7 @@ from .config import ServeConfig
 from .middleware import BodyLimit, SecurityHeaders
 
 KEY_HEADER = "X-API-Key"
+SERVED_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingSettings) if f.metadata["http"])  # a client sets
 STATIC = Path(__file__).parent / "static"  # the web page: no inline script or style (the CSP forbids both)
 log = logging.getLogger("cdm.serving.routes")
 
@@ -291,7 +292,7 @@ def request_fields(cfg: ServeConfig) -> dict:
     out = {}
     for f in dataclasses.fields(SamplingSettings):
         m = f.metadata
-        if not m["http"]:
+        if f.name not in SERVED_FIELDS:
             continue
         lo = _tightest(max, m["ge"], m["cap"][0])
         hi = _tightest(min, m["le"], m["cap"][1], limits.get(f.name))
@@ -328,8 +329,7 @@ def _generate(store_path: Path, pipes: PipelineCache, batcher: Batcher, req, nam
     t0 = time.perf_counter()
     with Store.open(store_path) as s:
         pipe = pipes.get(s, names, router=req.router, device=cfg.device, grouped=cfg.grouped)
-    offered = [f.name for f in dataclasses.fields(SamplingSettings) if f.metadata["http"]]
-    settings = dataclasses.replace(SERVED, **{k: getattr(req, k) for k in offered}, batch_size=cfg.max_n)
+    settings = dataclasses.replace(SERVED, **{k: getattr(req, k) for k in SERVED_FIELDS}, batch_size=cfg.max_n)
     with batcher.session():
         g = pipe(req.n, req.label, settings, callback=check, batcher=batcher, prompt=req.prompt)
     out = []

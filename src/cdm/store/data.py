@@ -75,19 +75,20 @@ BIDI = {*range(0x202A, 0x202F), *range(0x2066, 0x206A)}  # embeddings, overrides
 # differently from what it holds
 
 
-def check_caption(text: str) -> str:
+def check_caption(text: str, what: str = "caption") -> str:
     """A caption, canonical: runs of whitespace (newlines too) become one space; 1-1000
-    characters; no other control characters, and no bidirectional overrides."""
+    characters; no other control characters, and no bidirectional overrides. No message
+    quotes the text (`what` names it: a caption, or a prompt)."""
     if not isinstance(text, str):
-        raise DataError(f"caption must be text, got {type(text).__name__}")
+        raise DataError(f"{what} must be text, got {type(text).__name__}")
     canon = " ".join(text.split())
     if not canon:
-        raise DataError("empty caption")
+        raise DataError(f"empty {what}")
     if len(canon) > CAPTION_MAX:
-        raise DataError(f"caption of {len(canon)} characters (at most {CAPTION_MAX})")
+        raise DataError(f"{what} of {len(canon)} characters (at most {CAPTION_MAX})")
     bad = sorted({f"U+{ord(c):04X}" for c in canon if unicodedata.category(c) in ("Cc", "Cs") or ord(c) in BIDI})
     if bad:
-        raise DataError(f"caption holds control character(s) {', '.join(bad)}")
+        raise DataError(f"{what} holds control character(s) {', '.join(bad)}")
     return canon
 
 
@@ -96,10 +97,7 @@ def check_prompt(text: str) -> str:
     empty prompt (unconditional): canonical, or ""."""
     if isinstance(text, str) and not text.strip():
         return ""
-    try:
-        return check_caption(text)
-    except DataError as e:  # the same rule, said of a prompt; no message quotes the text
-        raise DataError(str(e).replace("caption", "prompt")) from None
+    return check_caption(text, "prompt")
 
 
 # --- sources --------------------------------------------------------------------------
