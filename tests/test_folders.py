@@ -114,13 +114,60 @@ def test_bad_rows_are_named_and_nothing_is_written(tmp_path, case):
         assert s.items() == [] and s.captions() == {} and not list((tmp_path / "s" / "items").rglob("*.png"))
 
 
+def _csv_row(d, raw: bytes):
+    (d / "metadata.jsonl").unlink()
+    rows = "".join(f"{p.relative_to(d)},a caption\n" for p in sorted(d.rglob("*.png")))
+    (d / "metadata.csv").write_bytes(b"file_name,text\n" + rows.encode() + raw)
+
+
+MALFORMED = {  # issue 29 row 5: each a one-line problem naming the file and the line, never a traceback
+    "deep nesting": (lambda d: _append(d, b"[" * 200_000 + b"\n"), "metadata.jsonl line 7: JSON nested too deeply"),
+    "deep value": (lambda d: _append(d, b'{"file_name": "dog/000.png", "x": ' + b"[" * 200_000 + b"}\n"),
+                   "metadata.jsonl line 7: JSON nested too deeply"),
+    "huge csv field": (lambda d: _csv_row(d, b"cat/001.png," + b"x" * 140_000 + b"\n"),
+                       "metadata.csv line 8: not CSV (field larger than field limit"),
+    "nul in file_name": (lambda d: _edit(d, 0, file_name="dog/000.png\x00.txt"),
+                         "metadata.jsonl line 1: file_name holds a control character"),
+    "nul in a csv file_name": (lambda d: _csv_row(d, b"cat/0\x0001.png,x\n"),
+                               "metadata.csv line 8: file_name holds a control character"),
+    "bom inside": (lambda d: _append(d, b"\xef\xbb\xbf" + b'{"file_name": "x.png"}\n'),
+                   "metadata.jsonl line 7: a byte-order mark inside the text"),
+    "utf-16": (lambda d: (d / "metadata.jsonl").write_bytes((d / "metadata.jsonl").read_text().encode("utf-16")),
+               "metadata.jsonl line 1: UTF-16 text"),
+    "mixed encodings": (lambda d: _append(d, '{"file_name": "x.png", "text": "café"}\n'.encode("latin-1")),
+                        "metadata.jsonl line 7: not UTF-8 text"),
+    "latin-1 sidecar": (lambda d: (d / "dog/002.txt").write_bytes(b"line one\ncaf\xe9\n"),
+                        "002.txt line 2: not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_metadata_is_one_line_naming_file_and_line(tmp_path, case):
+    _folder(tmp_path / "in", layout="txt" if "sidecar" in case else "jsonl")
+    spoil, message = MALFORMED[case]
+    spoil(tmp_path / "in")
+    _store(tmp_path / "s").close()
+    r = CliRunner().invoke(cli_app, ["ingest", str(tmp_path / "s"), "--source", "pets", "--folder",
+                                     str(tmp_path / "in"), "--split", "one"])
+    assert r.exit_code == 2 and message in " ".join(r.output.split()) and "Traceback" not in r.output, r.output
+    with Store.open(tmp_path / "s") as s:
+        assert s.items() == []
+
+
+def test_a_leading_utf8_bom_is_accepted(tmp_path):
+    _folder(tmp_path / "in")
+    meta = tmp_path / "in/metadata.jsonl"
+    meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())
+    assert len(load_folder(tmp_path / "in", 8, 3)) == 6
+
+
 def test_caption_sidecars_all_or_none_and_utf8(tmp_path):
     _folder(tmp_path / "in", layout="txt")
     (tmp_path / "in/cat/001.txt").unlink()
     with pytest.raises(DataError, match="001.png: no caption file 001.txt"):
         load_folder(tmp_path / "in", 8, 3)
     (tmp_path / "in/cat/001.txt").write_bytes(b"caf\xe9")
-    with pytest.raises(DataError, match="001.txt: not UTF-8 text"):
+    with pytest.raises(DataError, match="001.txt line 1: not UTF-8 text"):
         load_folder(tmp_path / "in", 8, 3)
 
 

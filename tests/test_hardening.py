@@ -418,6 +418,18 @@ def test_malformed_policies_are_clear_errors(text):
     assert str(e.value).startswith("p.toml: ") and "users" in str(e.value)
 
 
+@pytest.mark.parametrize("raw, message", [
+    (b"\xff\xfe[\x00u\x00", "p.toml line 1: UTF-16 text"),
+    (b"[users.alice]\nkeys = ['caf\xe9']\n", "p.toml line 2: not UTF-8 text"),
+    (b"a = " + b"[" * 100_000, "p.toml: not valid TOML (nested too deeply)"),
+])
+def test_malformed_policy_files_name_the_file_and_line(tmp_path, raw, message):
+    (tmp_path / "p.toml").write_bytes(raw)
+    with pytest.raises(DataError) as e:
+        Policy.load(tmp_path / "p.toml")
+    assert message in str(e.value)
+
+
 def test_retraining_after_an_api_forget_is_audited_under_the_api_user(served, tmp_path):
     with served() as url, httpx.Client(base_url=url, timeout=120) as c:
         victim = Store.open(tmp_path / "s").items("digits-0")[0].hash

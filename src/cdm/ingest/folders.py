@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
-from ..store.data import Item, check_caption, item_hash
+from ..store.data import Item, check_caption, item_hash, read_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 FORMATS = ("PNG", "JPEG", "WEBP")  # the only readers Pillow may use
@@ -126,9 +127,12 @@ def _sidecar_entries(folder: Path, entries) -> list[tuple[Path, str | None, str 
             problems.append(f"{p}: no caption file {txt.name} (other images have one)")
             continue
         try:
-            out.append((p, lab, check_caption(txt.read_bytes().decode("utf-8"))))
-        except UnicodeDecodeError as e:
-            problems.append(f"{txt}: not UTF-8 text (byte {e.start})")
+            text = read_text(txt)
+        except DataError as e:
+            problems.append(f"{txt} {e}")
+            continue
+        try:
+            out.append((p, lab, check_caption(text)))
         except DataError as e:
             problems.append(f"{txt}: {e}")
     if problems:
@@ -140,9 +144,9 @@ def _metadata_entries(folder: Path, meta: Path, caption_column: str, caption_ask
                       label_column: str | None) -> list[tuple[Path, str | None, str | None]]:
     """Rows of a Hugging Face imagefolder metadata file, checked against the files present."""
     try:
-        text = meta.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{meta}: not UTF-8 text (byte {e.start}), nothing was ingested") from None
+        text = read_text(meta)
+    except DataError as e:
+        raise DataError(f"{meta} {e}; nothing was ingested") from None
     rows, problems = _rows(meta, text)
     captioned = any(caption_column in r for _, r in rows)
     if caption_asked and not captioned and rows:
@@ -156,6 +160,9 @@ def _metadata_entries(folder: Path, meta: Path, caption_column: str, caption_ask
         name = r.get("file_name")
         if not isinstance(name, str) or not name:
             problems.append(f"{where}: no file_name")
+            continue
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            problems.append(f"{where}: file_name holds a control character (a NUL, a newline, ...)")
             continue
         path = folder / name
         if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(root):
@@ -202,14 +209,20 @@ def _rows(meta: Path, text: str) -> tuple[list[tuple[int, dict]], list[str]]:
             except json.JSONDecodeError as e:
                 problems.append(f"{meta.name} line {i}: not JSON ({e.msg})")
                 continue
+            except RecursionError:
+                problems.append(f"{meta.name} line {i}: JSON nested too deeply")
+                continue
             if not isinstance(r, dict):
                 problems.append(f"{meta.name} line {i}: not a JSON object")
                 continue
             rows.append((i, r))
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        for r in reader:
-            rows.append((reader.line_num, {k: v for k, v in r.items() if k is not None and v not in (None, "")}))
+        try:
+            for r in reader:
+                rows.append((reader.line_num, {k: v for k, v in r.items() if k is not None and v not in (None, "")}))
+        except csv.Error as e:  # a field over csv's limit, a NUL, an unclosed quote: the rest is unreadable
+            problems.append(f"{meta.name} line {reader.line_num + 1}: not CSV ({e})")  # the row that failed
     return rows, problems
 
 

@@ -83,5 +83,5 @@ def load_latents(folder: Path, config: LatentConfig, device: str | torch.device 
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: not readable JSON ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+        raise StoreError(f"{path}: not readable JSON ({e.__class__.__name__}: {e})") from None

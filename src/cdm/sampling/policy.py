@@ -27,6 +27,7 @@ from pathlib import Path
 
 
 from .router_specs import ROUTERS
+from ..store.data import read_text
 from ..store.registry import Store
 from ..errors import DataError, Forbidden, NotFound, StoreError
 
@@ -88,6 +89,8 @@ class Policy:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise DataError(f"{origin}: not valid TOML ({e})") from None
+        except RecursionError:
+            raise DataError(f"{origin}: not valid TOML (nested too deeply)") from None
         extra = set(data) - {"users"}
         if extra:
             raise DataError(f"{origin}: unknown top-level field(s) {', '.join(sorted(extra))}; expected [users.NAME]")
@@ -109,7 +112,11 @@ class Policy:
         p = Path(path)
         if not p.is_file():
             raise StoreError(f"policy file not found: {p}")
-        return cls.parse(p.read_text(), str(p))
+        try:
+            text = read_text(p)
+        except DataError as e:
+            raise DataError(f"{p} {e}") from None
+        return cls.parse(text, str(p))
 
     def user_for_key(self, key: str | None) -> str | None:
         """The user an API key belongs to, or None (compared as hashes, in constant time)."""
