@@ -64,16 +64,16 @@ def test_captions_round_trip_through_the_store_and_the_cli(tmp_path):
     _folder(tmp_path / "in")
     s = _store(tmp_path / "s")
     api.ingest(s, "pets", load_folder(tmp_path / "in", 8, 3), "one")
-    want = {it.hash: it.caption for it in load_folder(tmp_path / "in", 8, 3)}
+    want = {("pets", it.hash): it.caption for it in load_folder(tmp_path / "in", 8, 3)}
     assert s.captions() == want
     r = CliRunner().invoke(cli_app, ["items", str(tmp_path / "s"), "--file", str(tmp_path / "in/cat/003.png"),
                                      "--json"])
     assert r.exit_code == 0, r.output
     (rec,) = json.loads(r.output)
     assert rec["caption"] == "a picture, number 3" and rec["label"] == "cat" and rec["source"] == "pets"
-    assert rec["id"] == file_item_id(tmp_path / "in/cat/003.png", 8, 3) in want
+    assert ("pets", rec["id"]) in want and rec["id"] == file_item_id(tmp_path / "in/cat/003.png", 8, 3)
     listed = json.loads(CliRunner().invoke(cli_app, ["items", str(tmp_path / "s"), "--json"]).output)
-    assert {x["id"]: x["caption"] for x in listed} == want
+    assert {(x["source"], x["id"]): x["caption"] for x in listed} == want
 
 
 BAD = {
@@ -199,7 +199,7 @@ def test_forgetting_a_captioned_item_removes_its_caption_everywhere(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["items"] == [items[0].hash]
     api.train(b)
-    assert a.captions() == b.captions() and items[0].hash not in a.captions()
+    assert a.captions() == b.captions() and ("pets", items[0].hash) not in a.captions()
     assert {n: m.digest for n, m in a.models().items()} == {n: m.digest for n, m in b.models().items()}
     events = json.dumps(a.events())
     assert items[0].hash in events and "number 0" not in events  # the audit keeps the id, never the caption

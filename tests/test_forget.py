@@ -10,7 +10,8 @@ import pytest
 from cdm.app import api
 from cdm.store.data import load_builtin
 from cdm.training.forget import forget
-from cdm.errors import DataError, StoreError
+from cdm.errors import DataError, NotFound, StoreError
+from cdm.store.registry import Store
 
 from .conftest import digests, make_store
 
@@ -109,3 +110,63 @@ def test_policy_composes_exactly_the_users_set(tmp_path, digits):
     set_store_policy(s, pol)
     assert store_policy(s).allowed(s, "alice") == ["digits-1", "museum"]
     assert s.events()[-1]["kind"] == "policy"
+
+
+def test_each_sources_copy_is_its_own_item_and_forgetting_one_copy_is_exact(tmp_path, digits):
+    """Issue 29 row 10: two owners hold the same pixels. Neither ingest tells about the other,
+    each forget acts on its own copy only, and forgetting one copy is bit-identical to a store
+    that never had it."""
+    shared = digits[0]
+    a_items, b_items = digits[:30], [*digits[30:60], shared]
+    s = make_store(tmp_path / "s", a_items, "one", source="a")
+    got = api.ingest(s, "b", b_items, "one")
+    fresh = api.init_store(tmp_path / "fresh", 8, 1, 0, 2, 16)
+    want = api.ingest(fresh, "b", b_items, "one")  # B's answer is the same whether or not A holds the image
+    assert got == want and (got.added, got.duplicates) == (31, 0)
+    assert sorted(r.source for r in s.items() if r.hash == shared.hash) == ["a", "b"]
+    api.train(s, paragon=True)
+    before = digests(s)
+
+    with pytest.raises(DataError, match="held by more than one source"):
+        forget(s, items=[shared.hash])  # ambiguous: nothing changes
+    assert digests(s) == before and len(s.items()) == 61
+    res = forget(s, items=[shared.hash], source="a")
+    assert res.items == [shared.hash] and {x["name"] for x in res.retrained} == {"a", "paragon", "router"}
+    assert [r.source for r in s.items() if r.hash == shared.hash] == ["b"]
+    assert digests(s)["b"] == before["b"]  # B's compartment was not touched
+    assert np.array_equal(s.read_item(shared.hash), shared.pixels)  # B's copy is whole
+    ref = make_store(tmp_path / "ref", a_items[1:], "one", source="a")
+    api.ingest(ref, "b", b_items, "one")
+    api.train(ref, paragon=True)
+    assert digests(s) == digests(ref)
+
+    forget(s, items=[shared.hash], source="b", retrain=False)
+    assert not s.item_path(shared.hash).exists() and shared.hash not in {r.hash for r in s.items()}
+    with pytest.raises(NotFound):
+        forget(s, items=[digits[1].hash], source="b")  # A's item is not B's to forget
+
+
+def test_a_schema_1_store_opens_with_every_item_and_caption(tmp_path, digits):
+    s = make_store(tmp_path / "s", digits[:12], "iid:2")
+    items, hashes = s.items(), [r.hash for r in s.items()]
+    caption = {h: f"caption {i}" for i, h in enumerate(hashes[:5])}
+    with s.tx() as db:  # back to schema 1 as an older cdm wrote it: items and captions keyed by hash
+        db.execute("DROP TABLE captions")
+        db.execute("ALTER TABLE items RENAME TO items_v2")
+        db.execute("DROP INDEX items_by_compartment")
+        db.execute("DROP INDEX items_by_hash")
+        db.execute("CREATE TABLE items(hash TEXT PRIMARY KEY, source TEXT NOT NULL REFERENCES sources(name), "
+                   "compartment TEXT NOT NULL REFERENCES compartments(name), slice INTEGER NOT NULL, "
+                   "label INTEGER REFERENCES labels(id), added TEXT NOT NULL)")
+        db.execute("CREATE INDEX items_by_compartment ON items(compartment, hash)")
+        db.execute("INSERT INTO items SELECT * FROM items_v2")
+        db.execute("DROP TABLE items_v2")
+        db.execute("CREATE TABLE captions(hash TEXT PRIMARY KEY REFERENCES items(hash), text TEXT NOT NULL)")
+        db.executemany("INSERT INTO captions VALUES (?, ?)", sorted(caption.items()))
+        db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    s.close()
+    s = Store.open(tmp_path / "s")
+    assert s.items() == items and s.get_meta("schema_version") == 2
+    assert s.captions() == {("digits", h): t for h, t in caption.items()}
+    forget(s, items=[hashes[0]], retrain=False)
+    assert s.captions() == {("digits", h): t for h, t in caption.items() if h != hashes[0]}

@@ -251,6 +251,23 @@ def test_admins_forget_only_within_their_scope(served, tmp_path):
         assert "museum" not in s.compartments()
 
 
+def test_an_admin_forgets_its_own_copy_of_an_image_another_source_also_holds(served, tmp_path):
+    with served() as url, httpx.Client(base_url=url, timeout=120) as c:
+        s = Store.open(tmp_path / "s")
+        row = s.items("digits-0")[0]
+        got = api.ingest(s, "museum", [Item(s.read_item(row.hash), "cat", "museum's copy")], "one")
+        assert (got.added, got.duplicates) == (1, 0)  # no word of digits holding the same pixels
+        r = c.post("/v1/admin/forget", json={"items": [row.hash], "retrain": False}, headers=H("root"))
+        assert r.status_code == 200 and r.json()["items"] == [row.hash]  # root's scope holds one copy: no ambiguity
+        assert [x.source for x in s.item_rows([row.hash])] == ["museum"] and s.item_path(row.hash).is_file()
+        # an admin forgets a copy only of a source it names (ops may name either)
+        assert c.post("/v1/admin/forget", json={"items": [row.hash], "source": "digits"},
+                      headers=H("root")).status_code == 403
+        r = c.post("/v1/admin/forget", json={"items": [row.hash], "source": "museum", "retrain": False},
+                   headers=H("ops"))
+        assert r.status_code == 200 and s.item_rows([row.hash]) == [] and not s.item_path(row.hash).exists()
+
+
 # 5. fairness ------------------------------------------------------------------------------
 
 

@@ -90,10 +90,10 @@ def test_a_new_encoder_makes_every_model_stale(tmp_path, owners):
 def test_forgetting_a_captioned_item_is_bit_identical(tmp_path, owners, slice_):
     s = two_owner_store(tmp_path / "s", owners)
     victim = next(r for r in s.items("bob") if r.slice == slice_)
-    assert victim.hash in s.captions([victim.hash])
+    assert (victim.source, victim.hash) in s.captions([victim])
     res = forget(s, items=[victim.hash])
     assert {x["name"] for x in res.retrained} == {"bob", "paragon", "router"}
-    assert s.captions([victim.hash]) == {}
+    assert s.captions([victim]) == {}
     ref = two_owner_store(tmp_path / "ref", owners, [it for it in owners[1] if it.hash != victim.hash])
     assert digests(s) == digests(ref)
 

@@ -423,7 +423,8 @@ def serve(store: Path, policy: Path = typer.Option(..., help="Policy TOML: users
 def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Item id (repeatable; see `cdm items`)."),
            file: Optional[list[Path]] = typer.Option(None, help="The item with this file's pixels (repeatable): "
                                                                 "the image an owner hands over."),
-           source: Optional[str] = typer.Option(None, help="Drop a whole source."),
+           source: Optional[str] = typer.Option(None, help="Drop a whole source; with --item/--file, forget only "
+                                                            "this source's copies of those items."),
            compartment: Optional[str] = typer.Option(None, help="Drop a whole compartment."),
            retrain: bool = typer.Option(True, help="Retrain affected models now (else they stay missing)."),
            device: str = typer.Option("cpu"),
@@ -434,7 +435,7 @@ def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Ite
            json_out: bool = typer.Option(False, "--json")) -> None:
     """Forget items, a source or a compartment exactly: retrain only what saw them, from the slice before."""
     with _open(store) as s:
-        items = [*(item or []), *(_item_of_file(s, f) for f in file or [])]
+        items = [*(item or []), *(_item_of_file(s, f, source) for f in file or [])]
         ex = api.make_executor(executor, device, threads, address, gpus_per_job)
         prog, cb = training_progress(err)
         with prog:
@@ -447,10 +448,11 @@ def forget(store: Path, item: Optional[list[str]] = typer.Option(None, help="Ite
         out.print(f"  classifier router: {r.router}; took {r.seconds:.1f} s")
 
 
-def _item_of_file(s: Store, path: Path) -> str:
+def _item_of_file(s: Store, path: Path, source: str | None = None) -> str:
     h = file_item_id(path, s.config.image_size, s.config.channels)
-    if not s.has_items([h]):
-        raise NotFound(f"no item of this store has the pixels of {path} (its id here would be {h})")
+    if not s.has_items([h], source):
+        raise NotFound(f"no item {f'of source {source!r}' if source else 'of this store'} has the pixels of "
+                       f"{path} (its id here would be {h})")
     return h
 
 
@@ -461,18 +463,19 @@ def items(store: Path, source: Optional[str] = typer.Option(None, help="Only thi
           json_out: bool = typer.Option(False, "--json")) -> None:
     """List items (id, source, compartment, slice, label, caption), or find the item of a file."""
     with _open(store) as s:
-        if file:
-            rows = [s.item_rows([_item_of_file(s, f)]) for f in file]
-            rows = [r for d in rows for r in d.values()]
+        if compartment is not None:
+            s.require_compartments([compartment])
+        if source is not None and source not in s.sources():
+            raise NotFound(f"unknown source {source!r}; known: {', '.join(s.sources()) or 'none'}")
+        if file:  # each source's copy of the file's pixels (of --source only, if given)
+            rows = [r for f in file for r in s.item_rows([_item_of_file(s, f, source)], source)]
         else:
-            if compartment is not None:
-                s.require_compartments([compartment])
-            if source is not None and source not in s.sources():
-                raise NotFound(f"unknown source {source!r}; known: {', '.join(s.sources()) or 'none'}")
             rows = [r for r in s.items(compartment) if source is None or r.source == source]
-        names, caps = s.label_names(), s.captions([r.hash for r in rows])
+        rows = [r for r in rows if compartment is None or r.compartment == compartment]
+        names, caps = s.label_names(), s.captions(rows)
         recs = [dict(id=r.hash, source=r.source, compartment=r.compartment, slice=r.slice,
-                     label=None if r.label is None else names[r.label], caption=caps.get(r.hash)) for r in rows]
+                     label=None if r.label is None else names[r.label], caption=caps.get((r.source, r.hash)))
+                for r in rows]
     _emit(recs, json_out)
     if not json_out:
         t = Table("id", "source", "compartment", "slice", "label", "caption")

@@ -1,4 +1,4 @@
-"""Ingest: validate items, skip duplicates, assign each to a compartment and slice, record it.
+"""Ingest: validate items, skip the source's duplicates, assign each to a compartment and slice, record it.
 
 Validation runs over every item before anything is written; the registry write is one
 transaction, item files are content-addressed and written atomically before it.
@@ -78,11 +78,12 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
         if unlabelled:
             raise DataError(f"split {rule} needs labels; unlabelled: {', '.join(unlabelled[:20])}")
 
-    # duplicates: within this batch, then against the store
+    # duplicates: within this batch, then against this source's items. Another source's copy of
+    # the same pixels is another item: it is neither reported nor touched (docs/security.md)
     unique: dict[str, Item] = {}
     for it in items:
         unique.setdefault(it.hash, it)
-    present = store.has_items(list(unique))
+    present = store.has_items(list(unique), source)
     new = {h: it for h, it in unique.items() if h not in present}
     duplicates = len(items) - len(new)
 

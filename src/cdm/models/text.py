@@ -183,7 +183,7 @@ class TextEncoder:
 
     def check_store(self, store) -> None:
         """Refuse an encoder that some stored caption does not fit (the error names each item)."""
-        bad = self.misfits([(f"item {h[:12]}", c) for h, c in store.captions().items()])
+        bad = self.misfits([(f"item {h[:12]} of {src}", c) for (src, h), c in store.captions().items()])
         if bad:
             raise StoreError(f"{len(bad)} caption(s) do not fit the text encoder, nothing changed:\n  "
                              + "\n  ".join(bad[:20]))

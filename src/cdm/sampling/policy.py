@@ -194,12 +194,14 @@ class Policy:
         if r.admin is not True:
             return False
         mine = set(self.allowed(store, user))
-        if source is not None:
+        if source is not None and not items:
             return source in r.sources and source in store.sources()
         if compartment is not None:
             return compartment in mine
-        rows = store.item_rows(items or [])
-        return bool(items) and len(rows) == len(set(items)) and all(row.compartment in mine for row in rows.values())
+        if source is not None and source not in r.sources:  # items of a source: that source must be theirs
+            return False
+        held = {row.hash for row in store.item_rows(items or [], source) if row.compartment in mine}
+        return bool(items) and held == set(items)
 
 
 def _who(user: str, reveal: bool) -> str:

@@ -85,7 +85,7 @@ ItemHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 class ForgetIn(BaseModel):
     items: list[ItemHash] | None = Field(None, max_length=256, description="item SHA-256 hashes")
-    source: Name | None = None
+    source: Name | None = Field(None, description="a whole source; with items, that source's copies of them")
     compartment: Name | None = None
     retrain: bool = True
 
@@ -225,15 +225,17 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     async def admin_forget(req: ForgetIn, who: Caller = Depends(caller)) -> dict:
         if not policy.users[who.user].admin:
             raise HTTPException(403, "only admin keys may forget")
-        given = [x for x in (req.items, req.source, req.compartment) if x]
+        given = [x for x in (req.items, req.source if not req.items else None, req.compartment) if x]
         if len(given) != 1:
-            raise HTTPException(422, "give exactly one of: items, source, compartment")
+            raise HTTPException(422, "give exactly one of: items (and optionally their source), source, compartment")
 
         def run() -> dict | None:
             with Store.open(store_path) as s:
                 if not policy.may_forget(s, who.user, req.items, req.source, req.compartment):
                     return None
-                r = forget(s, req.items, req.source, req.compartment, req.retrain, cfg.device, actor=f"api:{who.user}")
+                scoped = policy.users[who.user].admin is True  # items are looked up within its scope only
+                r = forget(s, req.items, req.source, req.compartment, req.retrain, cfg.device, actor=f"api:{who.user}",
+                           among=policy.allowed(s, who.user) if scoped and req.items else None)
             report_missing()
             return asdict(r)
 

@@ -40,25 +40,29 @@ from PIL import Image
 from .data import item_hash
 from ..errors import Busy, DataError, NotFound, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: an item is its source's copy, keyed (source, hash); 1 keyed items by hash alone
 PARAGON = "paragon"
 ROUTER = "router"
 BASE = "base"  # shared base model of adapter compartments
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # a diffusers model folder's weights
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name for an adapter's weights
 
-CAPTIONS = "CREATE TABLE IF NOT EXISTS captions(hash TEXT PRIMARY KEY REFERENCES items(hash), text TEXT NOT NULL)"
+ITEMS = """
+CREATE TABLE items(hash TEXT NOT NULL, source TEXT NOT NULL REFERENCES sources(name),
+                   compartment TEXT NOT NULL REFERENCES compartments(name),
+                   slice INTEGER NOT NULL, label INTEGER REFERENCES labels(id), added TEXT NOT NULL,
+                   PRIMARY KEY (source, hash));
+CREATE INDEX items_by_compartment ON items(compartment, hash);
+CREATE INDEX items_by_hash ON items(hash);
+CREATE TABLE captions(source TEXT NOT NULL, hash TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (source, hash),
+                      FOREIGN KEY (source, hash) REFERENCES items(source, hash));
+"""
 SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE labels(id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL);
 CREATE TABLE sources(name TEXT PRIMARY KEY, split TEXT NOT NULL, created TEXT NOT NULL);
 CREATE TABLE compartments(name TEXT PRIMARY KEY, source TEXT NOT NULL REFERENCES sources(name),
                           created TEXT NOT NULL);
-CREATE TABLE items(hash TEXT PRIMARY KEY, source TEXT NOT NULL REFERENCES sources(name),
-                   compartment TEXT NOT NULL REFERENCES compartments(name),
-                   slice INTEGER NOT NULL, label INTEGER REFERENCES labels(id), added TEXT NOT NULL);
-CREATE INDEX items_by_compartment ON items(compartment, hash);
-CREATE TABLE captions(hash TEXT PRIMARY KEY REFERENCES items(hash), text TEXT NOT NULL);
 CREATE TABLE models(name TEXT PRIMARY KEY, kind TEXT NOT NULL, spec TEXT NOT NULL,
                     digest TEXT NOT NULL, path TEXT NOT NULL, info TEXT NOT NULL, trained TEXT NOT NULL);
 CREATE TABLE events(id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, kind TEXT NOT NULL,
@@ -95,6 +99,38 @@ class ModelRow:
     path: str  # relative to the store root
     info: dict
     trained: str
+
+
+def _migrate_v1(db: sqlite3.Connection) -> None:
+    """Schema 1 to 2, in one transaction: items keyed (source, hash), captions too (a schema-1
+    hash was held by one source only, so every row keeps its meaning; a store made before
+    captions gets the table)."""
+    db.execute("PRAGMA foreign_keys = OFF")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        version = json.loads(db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        if version == 1:  # else another process migrated it while this one waited
+            has_captions = db.execute("SELECT 1 FROM sqlite_master WHERE name='captions'").fetchone() is not None
+            db.execute("ALTER TABLE items RENAME TO items_v1")
+            if has_captions:
+                db.execute("ALTER TABLE captions RENAME TO captions_v1")
+            db.execute("DROP INDEX items_by_compartment")
+            for stmt in ITEMS.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute("INSERT INTO items SELECT hash, source, compartment, slice, label, added FROM items_v1")
+            if has_captions:
+                db.execute("INSERT INTO captions SELECT i.source, c.hash, c.text FROM captions_v1 c "
+                           "JOIN items_v1 i ON i.hash = c.hash")
+                db.execute("DROP TABLE captions_v1")
+            db.execute("DROP TABLE items_v1")
+            db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (json.dumps(SCHEMA_VERSION),))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    finally:
+        db.execute("PRAGMA foreign_keys = ON")
 
 
 def crashpoint(name: str) -> None:
@@ -190,7 +226,7 @@ class Store:
         tmp = root / f".tmp-{uuid.uuid4().hex}.sqlite"
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         db = sqlite3.connect(tmp, isolation_level=None)
-        db.executescript(SCHEMA)
+        db.executescript(SCHEMA + ITEMS)
         meta = {"schema_version": SCHEMA_VERSION, "config": asdict(config), "created": now()}
         db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         db.execute("INSERT INTO events(time, kind, actor, detail) VALUES (?, 'init', ?, ?)",
@@ -214,11 +250,11 @@ class Store:
         except (sqlite3.DatabaseError, TypeError) as e:
             db.close()
             raise StoreError(f"{path}: not a readable cdm registry ({e})") from None
-        if version != SCHEMA_VERSION:
+        if version == 1:
+            _migrate_v1(db)
+        elif version != SCHEMA_VERSION:
             db.close()
             raise StoreError(f"{path}: schema version {version} is not supported (this cdm reads {SCHEMA_VERSION})")
-        if db.execute("SELECT 1 FROM sqlite_master WHERE name='captions'").fetchone() is None:
-            db.execute(CAPTIONS)  # a store made before captions: the table is added, nothing else changes
         store = cls(root, db, config)
         lock = root / ".lock"  # a writer empties it on release: content left means one was killed (or is at work)
         if lock.exists() and lock.stat().st_size:
@@ -414,29 +450,30 @@ class Store:
         return a
 
     def items(self, compartment: str | None = None) -> list[ItemRow]:
-        """Items in canonical (hash) order, optionally of one compartment."""
+        """Items in canonical (hash, source) order, optionally of one compartment."""
         q = "SELECT hash, source, compartment, slice, label FROM items"
         rows = (self.db.execute(q + " WHERE compartment=? ORDER BY hash", (compartment,)) if compartment
-                else self.db.execute(q + " ORDER BY hash"))
+                else self.db.execute(q + " ORDER BY hash, source"))
         return [ItemRow(*r) for r in rows]
 
     def record_ingest(self, db: sqlite3.Connection, source: str, rule: str | None, compartments: list[str],
                       new_labels: dict[str, int], rows: list[tuple], time_: str,
                       captions: dict[str, str] | None = None) -> None:
         """Inside an ingest transaction: the source (`rule` None if it exists), its compartments,
-        new labels, the item rows (hash, source, compartment, slice, label id) and captions."""
+        new labels, the item rows (hash, source, compartment, slice, label id) and captions (by hash)."""
         if rule is not None:
             db.execute("INSERT INTO sources VALUES (?, ?, ?)", (source, rule, time_))
         db.executemany("INSERT OR IGNORE INTO compartments VALUES (?, ?, ?)", [(c, source, time_) for c in compartments])
         db.executemany("INSERT INTO labels VALUES (?, ?)", [(i, n) for n, i in new_labels.items()])
         db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", [r + (time_,) for r in rows])
-        db.executemany("INSERT INTO captions VALUES (?, ?)", sorted((captions or {}).items()))
+        db.executemany("INSERT INTO captions VALUES (?, ?, ?)", [(source, h, t) for h, t in sorted((captions or {}).items())])
 
-    def delete_records(self, db: sqlite3.Connection, items: list[str], models: list[str], compartments: list[str],
+    def delete_records(self, db: sqlite3.Connection, items: list[ItemRow], models: list[str], compartments: list[str],
                        source: str | None) -> None:
         """Inside a forget transaction: item rows and their captions, model rows, compartments and a source."""
-        db.executemany("DELETE FROM captions WHERE hash=?", [(h,) for h in items])
-        db.executemany("DELETE FROM items WHERE hash=?", [(h,) for h in items])
+        keys = [(r.source, r.hash) for r in items]
+        db.executemany("DELETE FROM captions WHERE source=? AND hash=?", keys)
+        db.executemany("DELETE FROM items WHERE source=? AND hash=?", keys)
         db.executemany("DELETE FROM models WHERE name=?", [(n,) for n in models])
         db.executemany("DELETE FROM compartments WHERE name=?", [(c,) for c in compartments])
         if source is not None:
@@ -446,16 +483,20 @@ class Store:
         """Void a cleanup intent inside the transaction that made its files live."""
         db.execute("DELETE FROM meta WHERE key=?", (key,))
 
-    def item_rows(self, hashes: list[str]) -> dict[str, ItemRow]:
-        """The registered items among `hashes`, by hash."""
-        return {r[0]: ItemRow(*r) for r in self._where_hash_in("SELECT hash, source, compartment, slice, label FROM items",
-                                                               hashes)}
+    def item_rows(self, hashes: list[str], source: str | None = None) -> list[ItemRow]:
+        """The registered items with these hashes (of `source`, or each source's copy), in
+        canonical order."""
+        rows = self._where_hash_in("SELECT hash, source, compartment, slice, label FROM items", hashes)
+        return sorted((ItemRow(*r) for r in rows if source is None or r[1] == source), key=lambda r: (r.hash, r.source))
 
-    def captions(self, hashes: list[str] | None = None) -> dict[str, str]:
-        """Captions by item hash (of `hashes`, or of every item)."""
-        if hashes is None:
-            return dict(self.db.execute("SELECT hash, text FROM captions ORDER BY hash"))
-        return dict(self._where_hash_in("SELECT hash, text FROM captions", hashes))
+    def captions(self, rows: list[ItemRow] | None = None) -> dict[tuple[str, str], str]:
+        """Captions by (source, item hash), of `rows` or of every item."""
+        if rows is None:
+            return {(s, h): t for s, h, t in self.db.execute("SELECT source, hash, text FROM captions "
+                                                             "ORDER BY hash, source")}
+        want = {(r.source, r.hash) for r in rows}
+        return {(s, h): t for s, h, t in self._where_hash_in("SELECT source, hash, text FROM captions",
+                                                             sorted({r.hash for r in rows})) if (s, h) in want}
 
     def _where_hash_in(self, select: str, hashes: list[str]):
         """Rows of `select ... WHERE hash IN (hashes)`, queried in chunks (SQLite bounds parameters)."""
@@ -463,8 +504,9 @@ class Store:
             chunk = hashes[i:i + 500]
             yield from self.db.execute(f"{select} WHERE hash IN ({','.join('?' * len(chunk))})", chunk)
 
-    def has_items(self, hashes: list[str]) -> set[str]:
-        return set(self.item_rows(hashes))
+    def has_items(self, hashes: list[str], source: str | None = None) -> set[str]:
+        """The hashes among `hashes` that `source` holds (or that any source holds)."""
+        return {r.hash for r in self.item_rows(hashes, source)}
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT compartment, COUNT(*) FROM items GROUP BY compartment"))

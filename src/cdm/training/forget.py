@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from .build import run_jobs
 from .executor import Executor, LocalExecutor
 from .kinds import build_job, kind_of, plan, saw
-from ..store.registry import PARAGON, ROUTER, Store, crashpoint
+from ..store.registry import PARAGON, ROUTER, ItemRow, Store, crashpoint
 from ..errors import DataError, NotFound
 from .job import Progress, stale_checkpoints
 
@@ -40,17 +40,22 @@ class ForgetResult:
 def forget(store: Store, items: list[str] | None = None, source: str | None = None,
            compartment: str | None = None, retrain: bool = True, device: str = "cpu",
            progress: Progress | None = None, actor: str | None = None,
-           executor: Executor | None = None) -> ForgetResult:
+           executor: Executor | None = None, among: list[str] | None = None) -> ForgetResult:
     """Forget items (by hash), a source or a compartment; retrain what saw them on `executor`
-    (default: locally, on `device`)."""
+    (default: locally, on `device`).
+
+    Each source's copy of an image is its own item: `items` with `source` forgets that
+    source's copies only. Without `source`, a hash two sources hold is refused as ambiguous.
+    `among` (compartments) narrows where items are looked up: an admin's scope, so that a copy
+    outside it is neither touched nor revealed."""
     with store.writing("forget"):
-        return _forget(store, items, source, compartment, retrain, device, progress, actor, executor)
+        return _forget(store, items, source, compartment, retrain, device, progress, actor, executor, among)
 
 
 def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touched: list[str]) -> list[str]:
     """Every file that may hold the forgotten items' influence, relative to the store root.
     Call inside the forget transaction: checkpoints are judged against the registry without the items."""
-    paths = [store.item_path(r.hash) for r in gone]
+    paths = [store.item_path(r.hash) for r in gone]  # kept while another source's copy holds the same pixels
     for n in invalid:
         paths += store.model_versions(n)
     for c in dropped:
@@ -64,34 +69,52 @@ def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touch
     return [store.relative(p) for p in paths]
 
 
-def _forget(store: Store, items, source, compartment, retrain, device, progress, actor, executor) -> ForgetResult:
+def _item_rows(store: Store, items: list[str], source: str | None, among: list[str] | None) -> list[ItemRow]:
+    """The copies to forget: of `source` if given, else each hash's only copy (within `among`)."""
+    if source is not None and source not in store.sources():
+        raise NotFound(f"unknown source {source!r}; known: {', '.join(store.sources()) or 'none'}")
+    hashes = list(dict.fromkeys(items))
+    rows = [r for r in store.item_rows(hashes, source) if among is None or r.compartment in among]
+    held: dict[str, list[ItemRow]] = {}
+    for r in rows:
+        held.setdefault(r.hash, []).append(r)
+    unknown = [h for h in hashes if h not in held]
+    if unknown:
+        raise NotFound(f"unknown item hash(es){f' of source {source!r}' if source else ''}: {', '.join(unknown)}")
+    shared = {h: [r.source for r in rs] for h, rs in held.items() if len(rs) > 1}
+    if shared:
+        raise DataError("item(s) held by more than one source (each source's copy is its own item): "
+                        + "; ".join(f"{h} by {', '.join(s)}" for h, s in shared.items())
+                        + "; name the source whose copy to forget (--source)")
+    return [held[h][0] for h in hashes]
+
+
+def _forget(store: Store, items, source, compartment, retrain, device, progress, actor, executor,
+            among) -> ForgetResult:
     t0 = time.perf_counter()
-    if sum(x is not None and x != [] for x in (items, source, compartment)) != 1:
-        raise DataError("forget needs exactly one of: item hashes, a source, a compartment")
-    rows = {r.hash: r for r in store.items()}
+    if sum(x is not None and x != [] for x in (items, compartment)) + (source is not None and not items) != 1:
+        raise DataError("forget needs exactly one of: item hashes (of one source, optionally), a source, a compartment")
     comps = store.compartments()
+    dropped: list[str] = []
     if items:
-        unknown = [h for h in items if h not in rows]
-        if unknown:
-            raise NotFound(f"unknown item hash(es): {', '.join(unknown)}")
-        gone = [rows[h] for h in dict.fromkeys(items)]
-        dropped: list[str] = []
+        gone = _item_rows(store, items, source, among)
+        source = None  # the source itself stays
     elif source is not None:
         if source not in store.sources():
             raise NotFound(f"unknown source {source!r}; known: {', '.join(store.sources()) or 'none'}")
         dropped = [c for c, s in comps.items() if s == source]
-        gone = [r for r in rows.values() if r.source == source]
+        gone = [r for r in store.items() if r.source == source]
     else:
         store.require_compartments([compartment])
         dropped = [compartment]
-        gone = [r for r in rows.values() if r.compartment == compartment]
+        gone = store.items(compartment)
     touched = sorted({r.compartment for r in gone} - set(dropped))
     existing = store.models()
-    invalid = saw(store, [r.hash for r in gone])
+    invalid = saw(store, gone)
     before = {n: existing[n].digest for n in invalid}
 
     with store.tx() as db:
-        store.delete_records(db, [r.hash for r in gone], invalid, dropped, source)
+        store.delete_records(db, gone, invalid, dropped, source)
         intent = store.add_cleanup(db, _held_data(store, gone, invalid, dropped, touched))
         store.log(db, "forget", dict(
             items=[dict(hash=r.hash, source=r.source, compartment=r.compartment, slice=r.slice) for r in gone],

@@ -176,11 +176,12 @@ def build_job(store: Store, name: str, load_pixels: bool = True) -> TrainJob:
     """The self-contained job for one model: its kind's job, conditioned on captions through
     the store's frozen encoder (a text store) and trained on its VAE's latents (a latent store)."""
     kind = kind_of(name)
-    job = kind.job(store, name, kind.rows(store, name))
+    rows = kind.rows(store, name)
+    job = kind.job(store, name, rows)
     text, latent = text_config(store), latent_config(store)
     if text:  # conditioned on captions through the store's frozen encoder (cdm.models.text)
-        caps = store.captions(job.hashes)
-        job.captions = [caps.get(h) for h in job.hashes]
+        caps = store.captions(rows)
+        job.captions = [caps.get((r.source, r.hash)) for r in rows]
         job.text_encoder, job.text_dir = text.digest, str(text_dir(store, text))
     if latent:  # trained on the frozen VAE's latents (cdm.models.latent)
         job.latent = {k: v for k, v in asdict(latent).items() if k != "source"}
@@ -195,12 +196,13 @@ def model_state(store: Store, name: str) -> str:
     return kind_of(name).state(store, name)
 
 
-def saw(store: Store, hashes: list[str]) -> list[str]:
-    """The models whose training saw any of the items `hashes`, then the models built on those
-    (adapters on a base that saw them): everything forgetting the items must delete."""
-    models, gone = store.models(), set(hashes)
+def saw(store: Store, items: list[ItemRow]) -> list[str]:
+    """The models whose training saw any of these items (each a source's copy: another source's
+    copy of the same pixels is another item), then the models built on those (adapters on a
+    base that saw them): everything forgetting the items must delete."""
+    models, gone = store.models(), {(r.source, r.hash) for r in items}
     names = [*sorted(n for n in models if kind_of(n) is KINDS["compartment"]), PARAGON, ROUTER, BASE]
-    direct = [n for n in names if n in models and any(r.hash in gone for r in kind_of(n).rows(store, n))]
+    direct = [n for n in names if n in models and any((r.source, r.hash) in gone for r in kind_of(n).rows(store, n))]
     built_on = [d for n in direct for d in kind_of(n).dependents(store) if d not in direct]
     return direct + list(dict.fromkeys(built_on))
 
