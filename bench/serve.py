@@ -8,6 +8,8 @@ server process; throughput, p50/p99 latency and errors. Prints JSON, then a tabl
 --fairness measures the polite client's latency alone, then while a second key floods the
 server from --clients threads, then alone again (medians, one run): the goal is a ratio
 under 2x, and every admitted request (not turned away with 429/503) answered 200.
+--hostile makes the flooder ignore Retry-After; the server's token bucket (--rate, --burst)
+and its held-back 429s are what keep the polite key's latency then.
 """
 
 from __future__ import annotations
@@ -61,10 +63,15 @@ def main() -> None:
     ap.add_argument("--think", type=float, default=0.0, help="fairness: seconds the polite client waits between "
                                                                "requests (0: sends the next at once)")
     ap.add_argument("--hostile", action="store_true", help="fairness: the flooder ignores Retry-After (retries at once)")
+    ap.add_argument("--rate", type=float, default=None, help="cdm serve --rate: requests/s per key (server default 2; "
+                                                             "a load test: 0, no limit)")
+    ap.add_argument("--burst", type=int, default=None, help="cdm serve --burst (server default 8)")
     args = ap.parse_args()
     seconds = args.seconds or (15 if args.quick else 60)
     if not args.fairness and args.per_key is None:
         args.per_key = args.clients  # a load test: all clients share one key, and may fill the queue
+    if not args.fairness and args.rate is None:
+        args.rate = 0  # a load test measures throughput: one key, no rate limit
     tmp = Path(tempfile.mkdtemp(prefix="cdm-serve-bench-"))
     if args.store is None:
         if not args.quick:
@@ -86,6 +93,8 @@ def main() -> None:
                                "--policy", str(tmp / "policy.toml"), "--port", str(port), "--workers",
                                str(args.workers), "--queue", str(args.queue), "--max-steps", str(args.steps),
                                *(["--per-key", str(args.per_key)] if args.per_key else []),
+                               *(["--rate", str(args.rate)] if args.rate is not None else []),
+                               *(["--burst", str(args.burst)] if args.burst is not None else []),
                                *(["--grouped"] if args.grouped else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
@@ -143,12 +152,19 @@ def main() -> None:
 def fairness(args, url: str, flood_key: str, polite_key: str, labels: list[str], rounds: int) -> None:
     body = {"n": args.n, "steps": args.steps, "router": args.router}
 
+    polite_429: list[int] = []
+
     def polite() -> list[float]:
         lat = []
         with httpx.Client(base_url=url, headers={"X-API-Key": polite_key}, timeout=600) as c:
             for i in range(rounds):
                 t = time.perf_counter()
-                r = c.post("/v1/generate", json={**body, "seed": i, "label": labels[i % len(labels)]})
+                while True:  # a polite client honours Retry-After (its own rate limit), inside its latency
+                    r = c.post("/v1/generate", json={**body, "seed": i, "label": labels[i % len(labels)]})
+                    if r.status_code != 429:
+                        break
+                    polite_429.append(1)
+                    time.sleep(float(r.headers.get("Retry-After", "1")))
                 lat.append(time.perf_counter() - t)
                 assert r.status_code == 200, r.text
                 time.sleep(args.think * random.Random(i).uniform(0.5, 1.5))
@@ -177,7 +193,7 @@ def fairness(args, url: str, flood_key: str, polite_key: str, labels: list[str],
     codes = {str(c): flood_codes.count(c) for c in sorted(set(flood_codes))}
     admitted = sum(1 for c in flood_codes if c not in (429, 503))
     base = statistics.median(alone + again)
-    out = dict(fairness=True, hostile=args.hostile, think_s=args.think, n=args.n, steps=args.steps, workers=args.workers, queue=args.queue, per_key=args.per_key,
+    out = dict(fairness=True, hostile=args.hostile, think_s=args.think, rate=args.rate, burst=args.burst, n=args.n, steps=args.steps, workers=args.workers, queue=args.queue, per_key=args.per_key,
                flood_clients=args.clients, polite_requests=rounds, polite_alone_median_s=round(base, 3),
                polite_alone_before_s=round(statistics.median(alone), 3),
                polite_alone_after_s=round(statistics.median(again), 3),
@@ -185,8 +201,9 @@ def fairness(args, url: str, flood_key: str, polite_key: str, labels: list[str],
                polite_flooded_max_s=round(max(flooded), 3),
                ratio_median=round(statistics.median(flooded) / base, 2), ratio_max=round(max(flooded) / base, 2),
                flood_status_codes=codes, flood_admitted=admitted, flood_admitted_ok=codes.get("200", 0),
-               admitted_lost=admitted - codes.get("200", 0), polite_lost=0)
+               admitted_lost=admitted - codes.get("200", 0), polite_lost=0, polite_429=len(polite_429))
     print(json.dumps(out, indent=2))
+    print(f"\nrate {args.rate if args.rate is not None else 'default'}, burst {args.burst or 'default'}")
     print("\n| workers | think s | hostile | polite alone (median s) | polite under flood (median s) | ratio | max ratio | flood 200 / 429 / 503 | "
           "admitted lost |\n|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.workers} | {args.think} | {args.hostile} | {out['polite_alone_median_s']} | {out['polite_flooded_median_s']} | {out['ratio_median']} | "

@@ -128,3 +128,23 @@ def test_training_progress_is_plain_lines_when_not_on_a_terminal():
     assert lines[0].startswith("train digits-0: 1% (1/100 steps), loss 0.5000")
     assert lines[-1].startswith("train digits-0: 100% (100/100 steps)") and 20 <= len(lines) <= 22
     assert all("s left" in ln for ln in lines[1:-1])
+
+
+def test_train_explains_step_counts_that_differ_from_the_recipe(tmp_path, digits):
+    """Issue 29 row 19: a compartment whose first slices hold none of its items runs fewer steps
+    than its recipe, and `cdm train` says why (and an epoch budget says so too)."""
+    from cdm.store.data import assign_slice
+    from .conftest import make_store
+    late = [it for it in digits if assign_slice(it.hash, 4, 0) >= 2][:6]  # slices 0 and 1 stay empty
+    make_store(tmp_path / "s", late, "one", slices=4).close()
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "s"), "--steps", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)
+    assert (row["steps"], row["planned"]) == (4, 8)
+    assert row["notes"] == ["SISA stage(s) 0, 1 skipped (4 steps): slice(s) 0-1 hold none of its items yet "
+                            "(a stage trains on the slices up to it)"]
+    r = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["train", str(tmp_path / "s"), "--steps", "300", "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.stdout.split())
+    assert "50 of 100 *" in text and "* digits: 100 steps, not 300: the recipe budgets 1 epoch(s) over its 6 items" in text
+    assert "SISA stage(s) 0, 1 skipped (50 steps)" in text

@@ -8,7 +8,9 @@ import asyncio
 import json
 import logging
 import os
+import select
 import shutil
+import socket
 import sqlite3
 import stat
 import threading
@@ -30,7 +32,7 @@ from cdm.store.data import Item, load_builtin
 from cdm.ingest.folders import load_folder
 from cdm.training.forget import forget
 from cdm.sampling.policy import Policy, new_key
-from cdm.serving.admission import Admission, Deadline
+from cdm.serving.admission import Admission, Deadline, TokenBucket
 from cdm.serving.config import ServeConfig
 from cdm.serving.routes import create_app
 from cdm.store.registry import Store
@@ -289,6 +291,72 @@ def test_a_key_cannot_fill_the_queue(served):
             t.join()
         assert sorted(c for u, c in codes).count(429) == 2  # two of dave's four were turned away
         assert r.status_code in (200, 504)  # alice was admitted although dave flooded
+
+
+def test_token_bucket_gives_a_burst_then_the_rate():
+    b = TokenBucket(rate=2.0, burst=3, at=100.0)
+    assert [b.take(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
+    assert b.take(100.0) == pytest.approx(0.5)  # empty: a token in 1/rate s, and nothing spent
+    assert b.take(100.25) == pytest.approx(0.25)
+    assert b.take(100.5) == 0.0 and b.take(100.5) == pytest.approx(0.5)
+    assert [b.take(110.0) for _ in range(4)][:3] == [0.0] * 3  # refills to the burst, not beyond
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after_and_others_are_unaffected(served):
+    body = {"n": 1, "steps": 2}
+    with served(rate=0.2, burst=2) as url, httpx.Client(base_url=url, timeout=120) as c:
+        codes = [c.post("/v1/generate", json=body, headers=H("alice")).status_code for _ in range(2)]
+        t = time.perf_counter()
+        r = c.post("/v1/generate", json=body, headers=H("alice"))
+        held = time.perf_counter() - t
+        assert codes == [200, 200] and r.status_code == 429 and "rate" in r.json()["detail"]
+        assert held >= 0.9 and int(r.headers["Retry-After"]) >= 3  # held back 1 s, then told to wait out the rest
+        assert c.post("/v1/generate", json=body, headers=H("carol")).status_code == 200  # another key: its own bucket
+
+
+def _raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    t, data = time.perf_counter(), b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data, time.perf_counter() - t
+
+
+def test_slow_headers_and_slow_bodies_are_cut_off(served):
+    with served(header_timeout=1.0, body_timeout=1.0, idle_timeout=1.0) as url:
+        slow = _raw(url)  # headers that never end: closed after header_timeout
+        slow.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n")
+        data, took = _until_closed(slow)
+        assert data == b"" and 0.8 < took < 5
+        trickle = _raw(url)  # a byte now and then does not keep a connection open
+        t, closed = time.perf_counter(), False
+        for ch in b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 30:
+            try:
+                trickle.sendall(bytes([ch]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+            if select.select([trickle], [], [], 0)[0] and trickle.recv(1) == b"":
+                closed = True
+                break
+        assert closed and time.perf_counter() - t < 4
+        body = _raw(url)  # a body that stops halfway: 408, then closed
+        body.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEYS["alice"][0].encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"n\": 1")
+        data, took = _until_closed(body)
+        assert data.startswith(b"HTTP/1.1 408") and b"not received within 1 s" in data and 0.8 < took < 5
+        idle = _raw(url)  # a finished request's connection, then silence: closed after idle_timeout
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        data, took = _until_closed(idle)
+        assert data.startswith(b"HTTP/1.1 200") and took < 5
+        with httpx.Client(base_url=url, timeout=30) as c:  # and a normal client is served throughout
+            assert c.post("/v1/generate", json={"n": 1, "steps": 2}, headers=H("alice")).status_code == 200
 
 
 def test_scheduler_serves_keys_round_robin_and_never_loses_a_slot():

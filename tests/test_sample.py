@@ -174,7 +174,7 @@ def test_policy_is_resolved_by_the_pipeline(trained, tmp_path):
 
 def test_one_plan_says_what_saw_an_item_and_what_to_rebuild(trained, tmp_path):
     s = _copy(trained, tmp_path)
-    item = s.items("digits-1")[0].hash
+    item = s.items("digits-1")[0]
     assert saw(s, [item]) == ["digits-1", "paragon", "router"]
     assert plan(s, ["digits-0", "digits-1", "paragon", "router"]) == []  # all up to date
     s.db.execute("DELETE FROM models WHERE name IN ('digits-1', 'router')")

@@ -21,6 +21,7 @@ from cdm.app import api
 from cdm.store.data import load_builtin
 from cdm.sampling.policy import Policy, new_key
 from cdm.serving.config import ServeConfig
+from cdm.serving.http import server_config
 from cdm.serving.routes import create_app
 from cdm.store.registry import Store
 
@@ -48,8 +49,8 @@ def H(user: str) -> dict:
 class Server:
     """uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    def __init__(self, app):  # as `cdm serve` runs it, with its config's timeouts
+        self.server = uvicorn.Server(server_config(app, app.state.config, port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -193,7 +194,7 @@ def test_batched_requests_match_requests_alone(served, grouped):
 
 def test_forget_under_load_serves_old_or_new_never_a_mix(served, tmp_path):
     req = {"n": 2, "label": "7", "steps": 4, "seed": 1, "compartments": ["digits-0"]}
-    with served(workers=2) as url, httpx.Client(base_url=url, timeout=120) as c:
+    with served(workers=2, rate=0) as url, httpx.Client(base_url=url, timeout=120) as c:
         old = c.post("/v1/generate", json=req, headers=H("root")).json()["samples"]  # images and attribution
         victim = Store.open(tmp_path / "s").items("digits-0")[0].hash
         seen, stop = [], threading.Event()

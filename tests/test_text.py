@@ -18,7 +18,7 @@ from cdm.store.data import check_caption
 from cdm.training.forget import forget
 from cdm.sampling.pipeline import CDMPipeline
 from cdm.sampling.settings import SamplingSettings
-from cdm.models.text import Prompts, TextEncoder, build_default, check_folder
+from cdm.models.text import Prompts, TextEncoder, build_default, check_folder, folder_digest
 
 from .conftest import digests, make_store
 
@@ -330,6 +330,25 @@ def test_a_prompts_embedding_does_not_depend_on_its_company(tmp_path):
     many = [f"caption number {i}" for i in range(37)]
     alone = enc.encode(["caption number 20"])
     assert torch.equal(enc.encode(many)[20], alone[0]) and torch.equal(enc.encode(many[18:23])[2], alone[0])
+
+
+def test_only_the_files_an_encoder_reads_are_copied_or_digested(tmp_path, digits):
+    """Issue 29 row 3: an encoder folder's other files (code, notes, a nested folder) never reach
+    the store, and do not change its digest."""
+    s = make_store(tmp_path / "s", captioned(digits[:30]), "iid:2")
+    clean = build_default(tmp_path / "clean")
+    messy = tmp_path / "messy"
+    shutil.copytree(clean, messy)
+    (messy / "text_encoder" / "evil.py").write_text("import os; os.system('echo owned')")
+    (messy / "tokenizer" / "notes.txt").write_text("private notes")
+    (messy / "tokenizer" / "nested").mkdir()
+    (messy / "tokenizer" / "nested" / "vocab.json").write_text("{}")
+    (messy / "README.md").write_text("other")
+    cfg = api.set_text(s, messy)
+    assert cfg.digest == folder_digest(clean)
+    copied = sorted(p.relative_to(s.root / "text" / cfg.digest).as_posix()
+                    for p in (s.root / "text" / cfg.digest).rglob("*") if p.is_file())
+    assert copied == sorted(p.relative_to(clean).as_posix() for p in clean.rglob("*") if p.is_file())
 
 
 def test_imported_encoders_are_safetensors_only_hold_no_links_and_are_kept_owner_only(tmp_path, digits):

@@ -39,6 +39,7 @@ EXPORTS = {  # name -> "module" or "module:attribute"
     "make_executor": "cdm.training.executor",
     **dict.fromkeys(("EvalConfig", "evaluate_store"), "cdm.evaluation.evaluate"),
     "create_app": "cdm.serving.routes",
+    "server_config": "cdm.serving.http",
     "status": "cdm.app.status",
     **dict.fromkeys(("DemoConfig", "run_demo"), "cdm.app.demo"),
 }

@@ -173,7 +173,9 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
             if old != new:
                 err.print(f"recipe changed: {what} {old} -> {new} (saved in the store; models trained "
                           f"with {old} are stale until retrained)")
-        rows = [dict(name=r.name, kind=r.kind, items=r.items, steps=r.steps, seconds=round(r.seconds, 2),
+        recipe = api.train_config(s)
+        rows = [dict(name=r.name, kind=r.kind, items=r.items, steps=r.steps, planned=r.planned,
+                     notes=[*_budget_note(recipe, r), *r.notes], seconds=round(r.seconds, 2),
                      steps_per_s=round(r.steps / r.seconds, 2) if r.seconds else None,
                      final_loss=r.final_loss, resumed_from=r.resumed_from, digest=s.model(r.name).digest)
                 for r in results]
@@ -183,11 +185,23 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
             out.print("everything is up to date")
         t = Table("model", "items", "steps run", "seconds", "steps/s", "final loss", "from", "digest")
         for r in rows:
-            t.add_row(r["name"], str(r["items"]), str(r["steps"]), f"{r['seconds']:.1f}", str(r["steps_per_s"]),
+            run = str(r["steps"]) if r["steps"] == r["planned"] else f"{r['steps']} of {r['planned']} *"
+            t.add_row(r["name"], str(r["items"]), run, f"{r['seconds']:.1f}", str(r["steps_per_s"]),
                       f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-", r["resumed_from"],
                       r["digest"][:12])
         if rows:
             out.print(t)
+        for r in rows:  # every step count that is not the recipe's, explained
+            for note in r["notes"]:
+                out.print(f"* {escape(r['name'])}: {escape(note)}")
+
+
+def _budget_note(recipe, r) -> list[str]:
+    """A denoiser whose epoch budget (`--epochs`) gave it fewer steps than the recipe's `--steps`."""
+    if r.kind == "router" or recipe.epochs is None or r.planned == recipe.steps:
+        return []
+    return [f"{r.planned} steps, not {recipe.steps}: the recipe budgets {recipe.epochs:g} epoch(s) over its "
+            f"{r.items} items at batch {recipe.batch_size} (at least {recipe.min_steps}, at most --steps)"]
 
 
 @app.command()
@@ -416,7 +430,7 @@ def serve(store: Path, policy: Path = typer.Option(..., help="Policy TOML: users
 
     with _errors():
         app_ = api.create_app(store, Policy.load(policy), config)
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    uvicorn.Server(api.server_config(app_, config, host, port)).run()
 
 
 @app.command()

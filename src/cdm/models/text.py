@@ -34,6 +34,11 @@ from ..errors import DataError, StoreError
 
 ENCODER, TOKENIZER = "text_encoder", "tokenizer"
 SAFETENSORS = "model.safetensors"  # transformers' weights file: the only one read
+PART_FILES = {  # the only files of an encoder folder that cdm digests, copies into a store and reads
+    ENCODER: ("config.json", SAFETENSORS),
+    TOKENIZER: ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "tokenizer.json"),
+}
 
 
 def _byte_symbols() -> list[str]:
@@ -85,14 +90,17 @@ def build_default(folder: Path, max_length: int = 77, width: int = 64, layers: i
     return folder
 
 
+def part_files(folder: Path) -> list[Path]:
+    """The files of an encoder folder that cdm uses (`PART_FILES`, those present), in digest order."""
+    return sorted(p for part, names in PART_FILES.items() for n in names if (p := folder / part / n).is_file())
+
+
 def folder_digest(folder: Path) -> str:
-    """Digest of an encoder folder: every file of its two parts, by relative path and content."""
+    """Digest of an encoder folder: the files cdm uses of its two parts, by relative path and content."""
     h = hashlib.sha256()
-    for part in (ENCODER, TOKENIZER):
-        for p in sorted((folder / part).rglob("*")):
-            if p.is_file():
-                h.update(p.relative_to(folder).as_posix().encode() + b"\0")
-                h.update(hashlib.sha256(p.read_bytes()).digest())
+    for p in part_files(folder):
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -129,8 +137,9 @@ def install(folder: Path, dest_root: Path, digest: str) -> Path:
     dest_root.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = dest_root.parent / f".tmp-text-{digest[:16]}"
     shutil.rmtree(tmp, ignore_errors=True)
-    for part in (ENCODER, TOKENIZER):
-        shutil.copytree(folder / part, tmp / part)
+    for p in part_files(folder):  # only what the encoder reads: nothing else in the folder comes along
+        (tmp / p.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, tmp / p.parent.name / p.name)
     owner_only(tmp)  # the store's files are owner-only, whatever the source's modes (docs/security.md)
     if folder_digest(tmp) != digest:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,13 +1,14 @@
-"""Admission and fair dispatch of sampling requests: bounded places (503 when full, 429 past
-a key's share), slots round-robin over keys, deadlines honoured while queued (504), and a
-client that hangs up frees its place."""
+"""Admission and fair dispatch of sampling requests: a rate per key (a token bucket), bounded
+places (503 when full, 429 past a key's share), slots round-robin over keys, deadlines
+honoured while queued (504), and a client that hangs up frees its place."""
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import HTTPException
 
@@ -26,6 +27,28 @@ class Caller:
     key: str  # the key's hash: the unit of fairness
 
 
+@dataclass
+class TokenBucket:
+    """A key's rate: `burst` requests at once, refilled at `rate` per second. `take` spends a
+    token and returns 0, or returns the seconds until one is there (and spends nothing)."""
+
+    rate: float
+    burst: int
+    tokens: float = field(init=False)
+    at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self):
+        self.tokens = float(self.burst)
+
+    def take(self, now: float) -> float:
+        self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
 class Admission:
     """Admission and dispatch of sampling requests; used on the event loop only (no locks).
 
@@ -33,12 +56,36 @@ class Admission:
     those places (429 past it). A freed slot goes to the waiting key served least recently,
     so a key that floods waits behind its own requests, not in front of everyone else's."""
 
-    def __init__(self, workers: int, queue: int, per_key: int):
+    def __init__(self, workers: int, queue: int, per_key: int, rate: float = 0.0, burst: int = 1):
         self.free, self.limit, self.per_key = workers, workers + queue, per_key
         self.admitted, self.held = 0, {}
         self.waiting: dict[str, deque[asyncio.Future]] = {}
         self.last: dict[str, int] = {}  # key -> dispatch number when last given a slot
         self.dispatched = 0
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, TokenBucket] = {}  # keys of the policy only: bounded by its size
+        self.stalled: dict[str, int] = {}  # key -> its over-rate answers being held back now
+
+    async def limit_rate(self, key: str, now: float | None = None) -> None:
+        """Spend one of the key's tokens, or answer 429 with Retry-After once a token is due. The
+        answer is held back until then (at most `per_key` at once per key, the rest are
+        answered at once), so a client that retries without waiting costs a sleeping
+        coroutine, not a busy loop of refusals."""
+        if self.rate <= 0:
+            return
+        bucket = self.buckets.setdefault(key, TokenBucket(self.rate, self.burst))
+        wait = bucket.take(time.monotonic() if now is None else now)
+        if not wait:
+            return
+        if self.stalled.get(key, 0) < self.per_key:
+            self.stalled[key] = self.stalled.get(key, 0) + 1
+            try:
+                await asyncio.sleep(min(wait, 1.0))
+            finally:
+                self.stalled[key] -= 1
+            wait = max(0.0, wait - 1.0)
+        raise HTTPException(429, f"this key is over its rate of {self.rate:g} requests/s (burst {self.burst}); "
+                                 "retry after the time in Retry-After", headers={"Retry-After": str(math.ceil(wait))})
 
     def admit(self, key: str) -> None:
         if self.admitted >= self.limit:

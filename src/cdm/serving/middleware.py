@@ -1,22 +1,32 @@
-"""ASGI middleware of `cdm serve`: a body size limit checked before parsing, and security
-headers on every answer (docs/security.md)."""
+"""ASGI middleware of `cdm serve`: a body size limit checked before parsing, a body that must
+arrive in time, and security headers on every answer (docs/security.md)."""
+
+import asyncio
+import time
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 
 
 class BodyLimit:
-    """ASGI middleware: bodies over `limit` bytes get a 422 naming the limit (before parsing)."""
+    """ASGI middleware: bodies over `limit` bytes get a 422 naming the limit (before parsing);
+    a body not all in within `timeout` seconds gets a 408."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float = 10.0):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
+        until = time.monotonic() + self.timeout
         while more:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, until - time.monotonic()))
+            except asyncio.TimeoutError:
+                resp = JSONResponse({"detail": f"request body not received within {self.timeout:g} s"}, 408,
+                                    headers={"Connection": "close"})
+                return await resp(scope, receive, send)
             if msg["type"] == "http.disconnect":
                 return
             body = msg.get("body", b"")

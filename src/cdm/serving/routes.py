@@ -116,8 +116,9 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
 
     app = FastAPI(title="cdm", version="1", description="Compartmentalized diffusion: each API key samples from "
                   "the composition of exactly the compartments its user may use.", lifespan=lifespan)
+    app.state.config = cfg  # `serving.http.server_config` runs it with these timeouts
     key_header = APIKeyHeader(name=KEY_HEADER, auto_error=False, description="your API key")
-    sched = Admission(cfg.workers, cfg.queue, cfg.per_key)
+    sched = Admission(cfg.workers, cfg.queue, cfg.per_key, cfg.rate, cfg.burst)
     pipes = PipelineCache()
     reported: set[str] = set()
     with Store.open(store_path) as s:
@@ -198,10 +199,11 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
 
     @app.post("/v1/generate", response_model=GenerateOut, responses={
         401: {"description": "missing or unknown key"}, 403: {"description": "a compartment or router you may not use"},
-        429: {"description": "this key has its share of requests admitted"},
+        429: {"description": "this key is over its rate, or has its share of requests admitted"},
         503: {"description": "queue full, or a model is being (re)trained"}, 504: {"description": "deadline passed"}})
     async def generate(req: GenerateIn, request: Request, who: Caller = Depends(caller)):  # type: ignore[valid-type]
         policy.check_router(who.user, req.router, reveal=False)  # 403 before admission: it costs nothing
+        await sched.limit_rate(who.key)  # 429 over the key's rate (a token bucket)
         sched.admit(who.key)  # first, before any store access: turning a flood away costs little
         deadline = time.monotonic() + (req.deadline_s or cfg.deadline)
         cancel = threading.Event()
@@ -260,7 +262,7 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     def style() -> Response:
         return Response((STATIC / "app.css").read_bytes(), media_type="text/css")
 
-    app.add_middleware(BodyLimit, limit=cfg.max_body)
+    app.add_middleware(BodyLimit, limit=cfg.max_body, timeout=cfg.body_timeout)
     app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(RequestValidationError)

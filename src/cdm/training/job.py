@@ -104,6 +104,8 @@ class TrainResult:
     resumed_from: str  # "scratch", "stage k" (slice checkpoint) or "step s of stage k"
     spec: str
     out_dir: Path
+    planned: int = 0  # the model's steps by its recipe (after an epoch budget), all stages
+    notes: tuple[str, ...] = ()  # why `steps` differs from `planned`, one reason each
 
 
 def stage_steps(total: int, stages: int) -> list[int]:

@@ -46,9 +46,11 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
     targets = torch.tensor(job.slices, dtype=torch.long)  # the router's classes; a denoiser's slices
     per_stage = stage_steps(cfg.steps, job.stages)
     total, done_before = sum(per_stage), sum(per_stage[:start_stage]) + start_step
-    steps_run, loss_val = 0, None
+    steps_run, loss_val, empty = 0, None, []
     for k in range(start_stage, job.stages):
         idx = torch.nonzero(targets <= k).flatten() if job.staged else torch.arange(len(job.hashes))
+        if not len(idx):
+            empty.append(k)
         gen = torch.Generator().manual_seed(stage_seed(job.seed, k))
         step0 = 0
         if k == start_stage and gen_state is not None:
@@ -89,7 +91,18 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
                 adapter=job.adapter)
     (out_dir / "cdm.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return TrainResult(job.name, job.kind, len(job.hashes), steps_run, time.perf_counter() - t0, loss_val,
-                       resumed, job.spec, out_dir)
+                       resumed, job.spec, out_dir, total, _notes(per_stage, done_before, resumed, empty))
+
+
+def _notes(per_stage: list[int], done_before: int, resumed: str, empty: list[int]) -> tuple[str, ...]:
+    """Why a run's steps differ from its recipe's, in words (`cdm train` prints them)."""
+    notes = []
+    if done_before:
+        notes.append(f"resumed from {resumed}: {done_before} of {sum(per_stage)} steps were run before")
+    if empty:
+        notes.append(f"SISA stage(s) {', '.join(map(str, empty))} skipped ({sum(per_stage[k] for k in empty)} steps): "
+                     f"slice(s) 0-{empty[-1]} hold none of its items yet (a stage trains on the slices up to it)")
+    return tuple(notes)
 
 
 class _State:
