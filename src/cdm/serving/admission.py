@@ -68,7 +68,7 @@ class Admission:
 
     async def limit_rate(self, key: str, now: float | None = None) -> None:
         """Spend one of the key's tokens, or answer 429 with Retry-After once a token is due. The
-        answer is held back until then (at most `per_key` at once per key, the rest are
+        answer is held back until then (at most 4 x `per_key` at once per key, the rest are
         answered at once), so a client that retries without waiting costs a sleeping
         coroutine, not a busy loop of refusals."""
         if self.rate <= 0:
@@ -77,7 +77,7 @@ class Admission:
         wait = bucket.take(time.monotonic() if now is None else now)
         if not wait:
             return
-        if self.stalled.get(key, 0) < self.per_key:
+        if self.stalled.get(key, 0) < 4 * self.per_key:
             self.stalled[key] = self.stalled.get(key, 0) + 1
             try:
                 await asyncio.sleep(min(wait, 1.0))
