@@ -159,3 +159,45 @@ def test_cli_adapters(tmp_path, digits):
     assert "LoRA adapters (rank 2" in run("adapters", s.root).output
     assert run("adapters", s.root, "--off", "--public", "x").exit_code == 2
     assert run("adapters", s.root, "--off").output.strip() == "compartments are full models"
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_a_bank_of_many_adapters_is_one_base_call_equal_to_merged(text):
+    """Issue 28: K LoRA adapters in one call of the shared base (each row its own adapter's
+    low-rank delta: linear, conv and embedding layers; cross-attention in a text UNet) equal
+    K merged copies within float tolerance, and hold one base, not K."""
+    from peft import get_peft_model_state_dict, inject_adapter_in_model
+
+    from cdm.models.adapters import AdapterBank, lora_config, merged
+    from cdm.models.presets import text_unet_config
+    from cdm.store.recipes import AdapterConfig
+
+    config = text_unet_config("tiny", 8, 1, 16) if text else unet_config("tiny", 8, 1, 16)
+    base = build_unet(config, seed=0).eval().requires_grad_(False)
+    recipe = AdapterConfig(rank=2, public=("p",)).recipe()
+    states = {}
+    for i in range(3):
+        probe = build_unet(config, seed=0)
+        inject_adapter_in_model(lora_config(recipe), probe, adapter_name="a")
+        gen = torch.Generator().manual_seed(i)
+        states[f"c{i}"] = {k: 0.1 * torch.randn(v.shape, generator=gen)
+                           for k, v in get_peft_model_state_dict(probe, adapter_name="a").items()}
+    kinds = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in states["c0"]}
+    assert {"conv1", "to_k", "time_emb_proj"} <= kinds and ("class_embedding" in kinds) == (not text)
+    bank = AdapterBank(base, {n: (recipe, st) for n, st in states.items()})
+    plain = {n: merged(base, recipe, st) for n, st in states.items()}
+    gen = torch.Generator().manual_seed(9)
+    x, t = torch.randn(7, 1, 8, 8, generator=gen), torch.randint(0, 1000, (7,), generator=gen)
+    cond = dict(encoder_hidden_states=torch.randn(7, 5, 16, generator=gen)) if text \
+        else dict(class_labels=torch.randint(0, 17, (7,), generator=gen))
+    names = ["c2", "c0", "c1", "c1", "c0", "c2", "c2"]  # rows in any order
+    with torch.inference_mode():
+        got = bank.forward(x, t, dict(text=cond["encoder_hidden_states"]) if text else cond["class_labels"], names)
+        want = torch.cat([plain[n](x[i:i + 1], t[i:i + 1], **{k: v[i:i + 1] for k, v in cond.items()}).sample
+                          for i, n in enumerate(names)])
+        plain_base = base(x, t, **cond).sample
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain_base, atol=1e-3)
+    n_base = sum(p.numel() for p in base.parameters())
+    n_bank = sum(p.numel() for p in [*bank.unet.parameters(), *bank.unet.buffers()])
+    n_lora = sum(v.numel() for st in states.values() for v in st.values())
+    assert n_bank == n_base + n_lora  # one base plus K adapters
