@@ -180,3 +180,27 @@ def test_one_plan_says_what_saw_an_item_and_what_to_rebuild(trained, tmp_path):
     s.db.execute("DELETE FROM models WHERE name IN ('digits-1', 'router')")
     assert plan(s, ["router", "paragon", "digits-1", "digits-0"]) == ["digits-1", "router"]  # in training order
     assert api.plan(s) == ["digits-1", "router"]  # `cdm train` asks the same function
+
+
+def test_sampling_precision_is_a_setting(trained):
+    """Issue 28: bf16 autocast sampling runs on a CPU too, deterministically, close to fp32 and
+    not equal to it; `auto` is fp32 on a CPU; tf32 needs CUDA."""
+    s = api.Store.open(trained)
+    kw = dict(n=6, label="4", router="ito", steps=6, seed=2)
+    fp, auto = api.sample(s, precision="fp32", **kw), api.sample(s, **kw)
+    bf = [api.sample(s, precision="bf16", **kw) for _ in range(2)]
+    assert np.array_equal(fp.images, auto.images) and np.array_equal(bf[0].images, bf[1].images)
+    assert not np.array_equal(fp.images, bf[0].images)
+    assert np.abs(fp.images.astype(int) - bf[0].images.astype(int)).mean() < 16  # of 255
+    assert np.abs(fp.attribution - bf[0].attribution).max() < 0.1
+    with pytest.raises(DataError, match="tf32 needs a CUDA device"):
+        api.sample(s, precision="tf32", **kw)
+    with pytest.raises(DataError, match="unknown precision"):
+        api.sample(s, precision="fp16", **kw)
+    from cdm.sampling.policy import Policy, new_key
+    from cdm.serving.config import ServeConfig
+    from cdm.serving.routes import create_app
+
+    policy = Policy.parse(f'[users.a]\nsources = ["digits"]\nkeys = ["{new_key()[1]}"]\n')
+    with pytest.raises(DataError, match="tf32 needs a CUDA device"):  # `cdm serve --precision`: refused at start
+        create_app(trained, policy, ServeConfig(precision="tf32"))

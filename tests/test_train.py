@@ -132,3 +132,34 @@ def test_an_epoch_budget_scales_steps_with_each_models_items(tmp_path, digits):
         api.train(s, epochs=-1)
     api.train(s, epochs=0, paragon=True, router=False)  # back to a fixed count: every model retrains at 24 steps
     assert {m.info["steps"] for m in s.models().values()} == {24}
+
+
+def test_training_precision_is_in_the_recipe_and_bf16_is_exact_too(tmp_path, digits):
+    """Issue 28: precision is part of the recipe and the spec. The first run records what
+    `auto` became (fp32 on a CPU; old specs unchanged); bf16 autocast trains deterministically
+    to other weights, and forgetting under it is still bit-identical; tf32 needs CUDA."""
+    from cdm.errors import DataError
+    from cdm.models.precision import resolve
+    from cdm.training.forget import forget
+
+    items = digits[:40]
+    fp = make_store(tmp_path / "fp", items, "iid:2")
+    assert api.train_config(fp).precision == "auto"
+    api.train(fp)
+    assert api.train_config(fp).precision == "fp32"
+    assert any(e["kind"] == "config" and e["detail"] == {"train.precision": "fp32"} for e in fp.events())
+    bf = [make_store(tmp_path / f"bf{i}", items, "iid:2") for i in range(2)]
+    for s in bf:
+        api.train(s, precision="bf16")
+    assert digests(bf[0]) == digests(bf[1]) and digests(bf[0])["digits-0"] != digests(fp)["digits-0"]
+    victim = bf[0].items("digits-0")[0]
+    forget(bf[0], items=[victim.hash])
+    ref = make_store(tmp_path / "ref", [it for it in items if it.hash != victim.hash], "iid:2")
+    api.train(ref, precision="bf16")
+    assert digests(bf[0]) == digests(ref)
+    with pytest.raises(DataError, match="tf32 needs a CUDA device"):
+        api.train(fp, precision="tf32")
+    assert api.train_config(fp).precision == "fp32" and api.model_state(fp, "digits-0") == "ready"
+    retrained = {r.name for r in api.train(fp, precision="bf16")}  # a recipe change: every model is stale
+    assert retrained >= {"digits-0", "digits-1"} and digests(fp) == digests(bf[1])
+    assert (resolve("auto", "cuda"), resolve("auto", "cpu"), resolve("tf32", "cuda:1")) == ("bf16", "fp32", "tf32")

@@ -153,6 +153,9 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
                                                             "(steps = epochs x items / batch, at least 100, at most "
                                                             "--steps); 0: a fixed step count again. Saved in the "
                                                             "recipe."),
+          precision: Optional[str] = typer.Option(None, help="Training arithmetic: fp32, tf32 (CUDA) or bf16 "
+                                                             "(autocast). Saved in the recipe (it changes the weights); "
+                                                             "a new store's first run picks bf16 on CUDA, else fp32."),
           device: str = typer.Option("cpu", help="torch device, e.g. cpu, cuda, cuda:1."),
           executor: str = typer.Option("local", help="local (this process) or ray (one task per model)."),
           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
@@ -163,14 +166,19 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
     """Train every compartment without an up-to-date model; resumes interrupted work."""
     with _open(store) as s:
         ex = api.make_executor(executor, device, threads, address, gpus_per_job)
-        before = (api.train_config(s).steps, api.router_config(s).steps, api.train_config(s).epochs)
+        knobs = lambda: (api.train_config(s).steps, api.router_config(s).steps, api.train_config(s).epochs,  # noqa: E731
+                         api.train_config(s).precision)
+        before = knobs()
         prog, cb = training_progress(err)
         with prog:
             results = api.train(s, compartment or None, paragon, router, steps, device, cb, executor=ex,
-                                router_steps=router_steps, epochs=epochs)
-        after = (api.train_config(s).steps, api.router_config(s).steps, api.train_config(s).epochs)
-        for what, old, new in zip(("denoiser steps", "classifier router steps", "denoiser epochs"), before, after):
-            if old != new:
+                                router_steps=router_steps, epochs=epochs, precision=precision)
+        after = knobs()
+        for what, old, new in zip(("denoiser steps", "classifier router steps", "denoiser epochs", "precision"),
+                                  before, after):
+            if old == "auto" and new in ("fp32", "bf16"):
+                err.print(f"recipe: precision {new} (it was auto; saved in the store, no model goes stale)")
+            elif old != new:
                 err.print(f"recipe changed: {what} {old} -> {new} (saved in the store; models trained "
                           f"with {old} are stale until retrained)")
         recipe = api.train_config(s)

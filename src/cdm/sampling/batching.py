@@ -36,6 +36,7 @@ import torch
 
 from ..models.denoisers import Cond, Denoiser, Keyed, cond_cat, cond_rows, fixed_chunks
 from ..models.grouped import slot_counts
+from ..models.precision import precision
 
 
 def model_key(denoiser: Denoiser):
@@ -100,12 +101,13 @@ class Batcher:
     call counted once)."""
 
     def __init__(self, chunk: int = 16, group_chunk: int = 8, threads: int | None = None,
-                 group_slots: int | None = None):
+                 group_slots: int | None = None, precision: str = "fp32"):
         for name, v in (("chunk", chunk), ("group_chunk", group_chunk), ("threads", 1 if threads is None else threads),
                         ("group_slots", 1 if group_slots is None else group_slots)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.chunk, self.group_chunk, self.group_slots = chunk, group_chunk, group_slots
+        self.precision = precision  # of every model call it runs (cdm.models.precision)
         self.threads = torch.get_num_threads() if threads is None else threads
         self.rounds = self.shared = self.calls = 0
         self._cv = threading.Condition()
@@ -193,9 +195,12 @@ class Batcher:
                 self._waiting = {c.owner for c in self._todo}
                 self._cv.notify_all()
 
-    @torch.inference_mode()
     def _compute(self, todo: list[_Call], done: list, owners: set[int]) -> None:
-        """One round: every plain call in full, one wide call per group."""
+        """One round: every plain call in full, one wide call per group, at the batcher's precision."""
+        with torch.inference_mode(), precision(self.precision, todo[0].x.device):
+            self._round(todo, done, owners)
+
+    def _round(self, todo: list[_Call], done: list, owners: set[int]) -> None:
         plain: dict[object, list[_Call]] = {}
         wide: dict[object, list[_Call]] = {}
         for c in sorted(todo, key=lambda c: c.age):  # stable: arrival order within a session

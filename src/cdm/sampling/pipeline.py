@@ -25,6 +25,7 @@ from .batching import Batcher, batched, BatchedJoint
 from ..store.data import check_prompt, to_uint8_images
 from ..models.denoisers import ClassLabels, guided, unet_denoiser
 from ..models.grouped import Group, grouped_joint
+from ..models.precision import precision
 from .cache import LRU
 from .loading import load_bank, load_classifier, load_group, load_text, load_unet, load_vae, scheduler_config
 from .mixture import Mixture
@@ -214,9 +215,11 @@ class CDMPipeline:
                                     copies=2 if cfg else 1)
             if cfg:
                 den = guided(den, s.guidance, self.cond.null(b, dev))
-            with torch.inference_mode():
+            with torch.inference_mode(), precision(s.precision if batcher is None else "fp32", dev):
+                # (with a batcher, the model calls run on its thread, at its precision)
                 x = sample(den, make_scheduler(self.schedule, s.sampler), noise, cond, s.steps, gen,
                            ([mix.on_step] if mix else []) + hooks)
+            x = x.float()
             if self.vae is not None:
                 x = self.vae.decode(x)
             images.append(to_uint8_images(x.float().cpu().numpy()))

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from ..errors import DataError
+from ..store.recipes import PRECISIONS
 
 SAMPLERS = ("ddpm", "ddim")  # diffusers' DDPMScheduler (ancestral) and DDIMScheduler (deterministic)
 
@@ -66,6 +67,8 @@ class SamplingSettings:
     subset: int | None = option(None, "Sparse routing: each sample composes this many compartments, drawn by "
                                       "their priors.", ge=1)  # the service caps it at its max_list
     batch_size: int = option(256, "Most samples run at once (memory only).", ge=1, cli=False, http=False)
+    precision: str = option("auto", "Arithmetic of the model calls: fp32, tf32 (CUDA) or bf16 (autocast); auto: "
+                                    "bf16 on CUDA, fp32 on a CPU.", http=False)  # the service: cdm serve --precision
 
     def __post_init__(self):
         for f in fields(self):
@@ -79,6 +82,8 @@ class SamplingSettings:
                                 + f", got {v}")
         if self.sampler not in SAMPLERS:
             raise DataError(f"unknown sampler {self.sampler!r}; available: {', '.join(SAMPLERS)}")
+        if self.precision not in PRECISIONS:
+            raise DataError(f"unknown precision {self.precision!r}; available: {', '.join(PRECISIONS)}")
         self.sparsity  # checks the sparse options
 
     @property

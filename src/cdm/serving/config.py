@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..errors import DataError
+from ..store.recipes import PRECISIONS
 
 
 def setting(default, help: str):
@@ -31,6 +32,8 @@ class ServeConfig:
     body_timeout: float = setting(10.0, "Seconds a request may take to send its body (408 past it).")
     idle_timeout: float = setting(5.0, "Seconds an idle keep-alive connection is kept open.")
     device: str = setting("cpu", "torch device, e.g. cpu, cuda.")
+    precision: str = setting("auto", "Arithmetic of the model calls: fp32, tf32 (CUDA) or bf16 (autocast); auto: "
+                                     "bf16 on CUDA, fp32 on a CPU.")
     chunk: int = setting(16, "Rows of every batched model call (fixed, so that a request's images do not depend "
                              "on what it was batched with).")
     grouped: bool = setting(False, "Compartments' model calls in one wide call of all of them: more images/s with "
@@ -43,6 +46,8 @@ class ServeConfig:
                     "header_timeout", "body_timeout", "idle_timeout", "chunk", "group_chunk")
         bad = [f.name for f in fields(self) if (f.name in positive and not getattr(self, f.name) > 0)
                or (f.name in ("queue", "rate") and not getattr(self, f.name) >= 0)]
+        if self.precision not in PRECISIONS:
+            bad.append("precision")
         if bad:
             raise DataError(f"serve setting(s) out of range: {', '.join(bad)} (counts and times must be > 0; "
                             "queue and rate >= 0)")

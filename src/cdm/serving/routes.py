@@ -39,6 +39,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, StringConstraints, create_model, field_validator
 
 from ..errors import CdmError, DataError, StoreError
+from ..models.precision import resolve
 from ..sampling.batching import Batcher, sampler_thread
 from ..sampling.pipeline import PipelineCache
 from ..sampling.policy import Policy, hash_key
@@ -130,7 +131,8 @@ def create_app(store_path: str | Path, policy: Policy, cfg: ServeConfig = ServeC
     # Sampling runs on `workers` long-lived threads whose model calls run on the batcher's one
     # thread, the only one that computes on several cores: the samplers run on one each and the
     # main thread computes nothing (sampler_thread says why it matters). Both stop at shutdown.
-    batcher = Batcher(cfg.chunk, cfg.group_chunk)  # the compute thread, with torch's count now
+    batcher = Batcher(cfg.chunk, cfg.group_chunk, precision=resolve(cfg.precision, cfg.device))  # the compute
+    # thread, with torch's count now; every model call of every request runs at the server's precision
     samplers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdm-sample", initializer=sampler_thread)
 
     def report_missing() -> None:

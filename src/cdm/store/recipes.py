@@ -38,6 +38,9 @@ class TrainConfig:
     # so small compartments are not overtrained and large ones not undertrained
     epochs: float | None = None
     min_steps: int = 100
+    # the arithmetic of training (cdm.models.precision): "auto" until the first `cdm train`
+    # records what it used (bf16 on CUDA for a store with no trained model, else fp32)
+    precision: str = "auto"
 
     def for_items(self, n: int) -> "TrainConfig":
         """The recipe of one model trained on n items: the epoch budget resolved into steps."""
@@ -50,6 +53,9 @@ class TrainConfig:
         """The noise schedule as a diffusers `DDPMScheduler` config (`DDPMScheduler(**schedule)`)."""
         return dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
                     beta_start=self.beta_start, beta_end=self.beta_end, timestep_spacing="trailing")
+
+
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")  # arithmetic of model calls (cdm.models.precision)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ def recipe_fields(cfg) -> dict:
         for k in ("epochs", "min_steps", "beta_start", "beta_end"):
             if d[k] == getattr(TrainConfig, k):
                 del d[k]
+        if d["precision"] in ("auto", "fp32"):  # auto trains as fp32 wherever a spec is judged
+            del d["precision"]
     return d
 
 

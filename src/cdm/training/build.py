@@ -11,7 +11,8 @@ import shutil
 from dataclasses import asdict, replace
 
 from .executor import Executor, LocalExecutor, Task
-from .kinds import build_job, train_plan
+from .kinds import build_job, kind_of, train_plan
+from ..models.precision import resolve
 from ..store.recipes import router_config, train_config
 from ..store.registry import BASE, Store
 from ..errors import DataError, StoreError
@@ -30,14 +31,19 @@ class TrainError(StoreError):
 def train(store: Store, compartments: list[str] | None = None, paragon: bool = False, router: bool | None = None,
           steps: int | None = None, device: str = "cpu", progress: Progress | None = None,
           actor: str | None = None, executor: Executor | None = None,
-          router_steps: int | None = None, epochs: float | None = None) -> list[TrainResult]:
+          router_steps: int | None = None, epochs: float | None = None,
+          precision: str | None = None) -> list[TrainResult]:
     """Train every compartment without an up-to-date model (or the named ones), and optionally
     the paragon and the classifier router. Interrupted work resumes from its last checkpoint.
     `steps` (denoisers) and `router_steps` (the classifier router) change the store's recipe,
     and the change is logged; so does `epochs` (a budget in passes over each model's items,
-    `steps` its cap; 0 goes back to a fixed step count). Jobs run on `executor` (default: locally, on `device`); this
+    `steps` its cap; 0 goes back to a fixed step count), and `precision` (cdm.models.precision).
+    A recipe still at precision "auto" is made concrete and recorded on the first run: bf16 on
+    CUDA for a store without trained denoisers, else fp32 (so no trained model goes stale).
+    Jobs run on `executor` (default: locally, on `device`); this
     process alone writes the registry, and holds the store's writer lock throughout."""
     with store.writing("train"):
+        _set_precision(store, precision, device, actor)
         for key, value, config in (("train", steps, train_config), ("router", router_steps, router_config)):
             if value is None:
                 continue
@@ -57,6 +63,19 @@ def train(store: Store, compartments: list[str] | None = None, paragon: bool = F
                     store.log(db, "config", {"train.epochs": budget}, actor)
         return run_jobs(store, train_plan(store, compartments, paragon, router), executor or LocalExecutor(device),
                         progress, actor)
+
+
+def _set_precision(store: Store, asked: str | None, device: str, actor: str | None) -> None:
+    current = train_config(store).precision
+    want = asked or current
+    if want == "auto":
+        trained = any(kind_of(n).trainer == "denoiser" for n in store.models())
+        want = "fp32" if trained else resolve("auto", device)
+    resolve(want, device)  # refuses what `device` cannot run, before anything is recorded
+    if want != current:
+        with store.tx() as db:
+            store.set_meta(db, "train", asdict(replace(train_config(store), precision=want)))
+            store.log(db, "config", {"train.precision": want}, actor)
 
 
 def run_jobs(store: Store, names: list[str], executor: Executor | None = None, progress: Progress | None = None,

@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from ..models.latent import load_latents
+from ..models.precision import precision
 from ..models.text import load_encoder
 from ..store.data import to_tensor_array
 from ..store.recipes import LatentConfig, recipe_fields
@@ -45,6 +46,8 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
     x_all, y_all, cond_of = _data(job, dev)
     targets = torch.tensor(job.slices, dtype=torch.long)  # the router's classes; a denoiser's slices
     per_stage = stage_steps(cfg.steps, job.stages)
+    arith = getattr(cfg, "precision", "fp32")  # the recipe's (a router's recipe has none: fp32)
+    arith = "fp32" if arith == "auto" else arith  # unrecorded auto: what its spec says (cdm.store.recipes)
     total, done_before = sum(per_stage), sum(per_stage[:start_stage]) + start_step
     steps_run, loss_val, empty = 0, None, []
     for k in range(start_stage, job.stages):
@@ -65,7 +68,8 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
             noise = torch.randn(x0.shape, generator=gen).to(dev)
             t = torch.randint(0, len(alphas), (cfg.batch_size,), generator=gen).to(dev)
             a = alphas[t].view(-1, 1, 1, 1)
-            loss = trainer.loss(model, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond, noise, targets.to(dev)[b])
+            with precision(arith, dev):  # the forward pass only; the backward follows its dtypes
+                loss = trainer.loss(model, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond, noise, targets.to(dev)[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
