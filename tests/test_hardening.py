@@ -293,6 +293,19 @@ def test_a_key_cannot_fill_the_queue(served):
         assert r.status_code in (200, 504)  # alice was admitted although dave flooded
 
 
+def test_the_serve_deadline_is_an_option_the_default_and_the_cap(served):
+    """Issue 29 row 14: no hidden 120 s: `cdm serve --deadline` sets a request's default
+    deadline and its cap (504 past it), and the command lists it."""
+    r = CliRunner().invoke(cli_app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert "--deadline" in r.output and "504 past it" in " ".join(r.output.split())
+    with served(deadline=1.0, max_steps=1000) as url, httpx.Client(base_url=url, timeout=120) as c:
+        t = time.perf_counter()
+        r = c.post("/v1/generate", json=SLOW, headers=H("carol"))  # no deadline given: the server's
+        assert r.status_code == 504 and time.perf_counter() - t < 30, r.text
+        r = c.post("/v1/generate", json={**SLOW, "deadline_s": 600}, headers=H("alice"))  # past the cap
+        assert r.status_code == 422 and "less than or equal to 1" in r.text
+
+
 def test_token_bucket_gives_a_burst_then_the_rate():
     b = TokenBucket(rate=2.0, burst=3, at=100.0)
     assert [b.take(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst

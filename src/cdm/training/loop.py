@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from ..models.latent import load_latents
-from ..models.precision import precision
+from ..models.precision import deterministic, determinism, precision
 from ..models.text import load_encoder
 from ..store.data import to_tensor_array
 from ..store.recipes import LatentConfig, recipe_fields
@@ -30,7 +30,14 @@ from .trainers import TRAINERS
 
 def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, device: str = "cpu",
               progress: Progress | None = None) -> TrainResult:
-    """Run one job to completion, resuming where possible; write the model into `out_dir`."""
+    """Run one job to completion, resuming where possible; write the model into `out_dir`.
+    On CUDA with deterministic kernels (cdm.models.precision.deterministic)."""
+    with deterministic(device):
+        return _train_job(job, out_dir, ckpt_dir, work_dir, device, progress)
+
+
+def _train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, device: str,
+               progress: Progress | None) -> TrainResult:
     t0, dev, cfg = time.perf_counter(), torch.device(device), job.train
     trainer = TRAINERS[KINDS[job.kind].trainer]
     prune_checkpoints(job, ckpt_dir)
@@ -92,7 +99,7 @@ def train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, devi
     trainer.save(model, job, out_dir)
     meta = dict(name=job.name, kind=job.kind, items=len(job.hashes), spec=job.spec, seed=job.seed,
                 train=recipe_fields(cfg), num_slices=job.num_slices, null_label=job.null_label, classes=job.classes,
-                adapter=job.adapter)
+                adapter=job.adapter, run=determinism(dev))
     (out_dir / "cdm.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return TrainResult(job.name, job.kind, len(job.hashes), steps_run, time.perf_counter() - t0, loss_val,
                        resumed, job.spec, out_dir, total, _notes(per_stage, done_before, resumed, empty))
