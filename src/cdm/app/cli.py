@@ -176,32 +176,41 @@ def train(store: Path, compartment: Optional[list[str]] = typer.Option(None, hel
         after = knobs()
         for what, old, new in zip(("denoiser steps", "classifier router steps", "denoiser epochs", "precision"),
                                   before, after):
-            if old == "auto" and new in ("fp32", "bf16"):
-                err.print(f"recipe: precision {new} (it was auto; saved in the store, no model goes stale)")
+            if old == "auto" and new == "fp32":
+                continue  # what auto already meant: nothing changes
+            if old == "auto":
+                err.print(f"recipe: precision {new}, the first training on this device (saved in the store)")
             elif old != new:
                 err.print(f"recipe changed: {what} {old} -> {new} (saved in the store; models trained "
                           f"with {old} are stale until retrained)")
         recipe = api.train_config(s)
-        rows = [dict(name=r.name, kind=r.kind, items=r.items, steps=r.steps, planned=r.planned,
-                     notes=[*_budget_note(recipe, r), *r.notes], seconds=round(r.seconds, 2),
+        rows = [dict(name=r.name, kind=r.kind, items=r.items, steps=r.steps, seconds=round(r.seconds, 2),
                      steps_per_s=round(r.steps / r.seconds, 2) if r.seconds else None,
-                     final_loss=r.final_loss, resumed_from=r.resumed_from, digest=s.model(r.name).digest)
-                for r in results]
+                     final_loss=r.final_loss, resumed_from=r.resumed_from, digest=s.model(r.name).digest,
+                     **_explained(recipe, r)) for r in results]
     _emit(rows, json_out)
     if not json_out:
         if not rows:
             out.print("everything is up to date")
         t = Table("model", "items", "steps run", "seconds", "steps/s", "final loss", "from", "digest")
         for r in rows:
-            run = str(r["steps"]) if r["steps"] == r["planned"] else f"{r['steps']} of {r['planned']} *"
+            run = str(r["steps"]) if "planned" not in r else (
+                f"{r['steps']} *" if r["steps"] == r["planned"] else f"{r['steps']} of {r['planned']} *")
             t.add_row(r["name"], str(r["items"]), run, f"{r['seconds']:.1f}", str(r["steps_per_s"]),
                       f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-", r["resumed_from"],
                       r["digest"][:12])
         if rows:
             out.print(t)
         for r in rows:  # every step count that is not the recipe's, explained
-            for note in r["notes"]:
+            for note in r.get("notes", []):
                 out.print(f"* {escape(r['name'])}: {escape(note)}")
+
+
+def _explained(recipe, r) -> dict:
+    """For a model whose steps are not its recipe's: `planned` (the recipe's) and `notes` (why);
+    nothing when they agree."""
+    notes = [*_budget_note(recipe, r), *r.notes]
+    return dict(planned=r.planned, notes=notes) if notes or r.steps != r.planned else {}
 
 
 def _budget_note(recipe, r) -> list[str]:

@@ -75,7 +75,8 @@ def _set_precision(store: Store, asked: str | None, device: str, actor: str | No
     if want != current:
         with store.tx() as db:
             store.set_meta(db, "train", asdict(replace(train_config(store), precision=want)))
-            store.log(db, "config", {"train.precision": want}, actor)
+            if not (current == "auto" and want == "fp32"):  # auto trained as fp32 already: no model changes
+                store.log(db, "config", {"train.precision": want}, actor)
 
 
 def run_jobs(store: Store, names: list[str], executor: Executor | None = None, progress: Progress | None = None,
