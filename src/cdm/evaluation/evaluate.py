@@ -29,6 +29,7 @@ import scipy.linalg
 import torch
 
 from .alignment import AlignConfig, AlignScorer, ClipScorer, align_model
+from .tifa import JUDGE_STEPS, Question, fit_judge, read_questions, tifa
 from ..store.data import BUILTINS, Item, load_builtin, to_tensor_array
 from ..ingest.folders import load_folder
 from ..ingest.ingest import resize_items
@@ -229,7 +230,8 @@ class Evaluator:
     def __init__(self, store: Store, real: list[Item], cfg: EvalConfig = EvalConfig(),
                  inception: str | Path | None = None, device: str = "cpu", extractor: ExtractorConfig = ExtractorConfig(),
                  features: Features | None = None, clip: str | Path | None = None,
-                 align: AlignConfig = AlignConfig(), scorer: AlignScorer | None = None):
+                 align: AlignConfig = AlignConfig(), scorer: AlignScorer | None = None,
+                 questions: dict[str, list[Question]] | None = None):  # by image file (resolved path)
         if len(real) < 2:
             raise StoreError("evaluation needs held-out real images (at least 2)")
         want = (store.config.image_size, store.config.image_size, store.config.channels)
@@ -250,6 +252,15 @@ class Evaluator:
                                                     seed=cfg.seed)
             if features is None and inception is None and len(store.labels()) < 2:
                 features = AlignFeatures(self.scorer)
+        self.questions, self.judge, self.tifa = {}, None, {}  # TIFA-style scoring (cdm.evaluation.tifa)
+        if self.scorer is not None and questions:
+            key = lambda it: str(Path(it.origin).resolve())  # noqa: E731 (questions are keyed by image file)
+            asked = [it for it in real if it.caption and key(it) in questions]
+            if not asked:
+                raise StoreError("questions.jsonl names none of the held-out images")
+            self.questions = {it.caption: questions[key(it)] for it in asked}
+            self.judge = fit_judge(np.stack([it.pixels for it in asked]), [questions[key(it)] for it in asked],
+                                   JUDGE_STEPS, cfg.seed)
         self.features = features or Features(store, inception, device, extractor)
         self.real_feats, _ = self.features(np.stack([it.pixels for it in real]))
         rows = store.items()
@@ -300,6 +311,11 @@ class Evaluator:
         if prompts is not None:
             a = self.scorer.score(gen.images, prompts, self.pool, seed=cfg.seed)
             m.r_precision, m.clip_score = a.r_precision, a.clip_score
+        if self.judge is not None and prompts is not None:
+            asked = [i for i, p in enumerate(prompts) if p in self.questions]
+            if asked:
+                t = tifa(self.judge, gen.images[asked], [self.questions[prompts[i]] for i in asked], seed=cfg.seed)
+                self.tifa[f"{name}:{m.router or ''}"] = asdict(t)
         if cfg.attribution_samples and not paragon and len(comps) > 1 and self.features.net is not None \
                 and prompts is None:
             m.attribution_accuracy = self.attribution_accuracy(pipe)
@@ -334,6 +350,7 @@ class EvalReport:
     results: list[Metrics]
     real_alignment: dict | None = None  # text stores: the held-out images scored with their own captions
     scorer: str | None = None  # text stores: the alignment model (cdm-align, or clip:FOLDER)
+    tifa: dict | None = None  # with questions.jsonl: judge_accuracy, and each "model:router"'s TIFA-style score
 
     def table(self) -> str:
         """A markdown table, with FID relative to the paragon where there is one."""
@@ -353,10 +370,22 @@ class EvalReport:
             lines.append(f"| {m.name} | {m.router or ''} | {len(m.compartments)} | {m.fid:.3f} | "
                          f"{f(m.fid / para if para else None)} | {f(m.accuracy)} | {m.memorized:.3f} | "
                          f"{f(m.attribution_accuracy)} |{cols} {m.sample_seconds:.1f} |")
+        if self.tifa:
+            lines += ["", f"TIFA-style score (questions.jsonl; the judge answers {self.tifa['judge_accuracy']:.3f} of "
+                      "real held-out images' questions right)", "",
+                      "| model | router | score | 90% interval | questions | by attribute |", "|---|---|---|---|---|---|"]
+            for key, t in self.tifa["scores"].items():
+                name, router = key.split(":")
+                by = ", ".join(f"{a} {v:.2f}" for a, v in t["by_attribute"].items())
+                lines.append(f"| {name} | {router} | {t['score']:.3f} | {t['low']:.3f}-{t['high']:.3f} | "
+                             f"{t['questions']} | {by} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), config=self.config.record())
+        d = dict(asdict(self), config=self.config.record())
+        if self.tifa is None:  # only where questions were given
+            del d["tifa"]
+        return d
 
 
 def evaluate_store(store: Store, routers: list[str] = ("ito",), paragon: bool | None = None,
@@ -366,7 +395,11 @@ def evaluate_store(store: Store, routers: list[str] = ("ito",), paragon: bool | 
     """Score the paragon (when trained, unless paragon=False) and the composition with each router.
     Text-conditioned stores are prompted with the held-out captions and scored for alignment
     (with the CLIPModel folder `clip` where given)."""
-    ev = Evaluator(store, reference_items(store, real), cfg, inception, device, extractor, clip=clip)
+    asked = Path(str(real)) / "questions.jsonl"  # TIFA-style questions beside a held-out folder
+    questions = None if str(real) in BUILTINS or not asked.is_file() else \
+        {str((asked.parent / name).resolve()): qs for name, qs in read_questions(asked).items()}
+    ev = Evaluator(store, reference_items(store, real), cfg, inception, device, extractor, clip=clip,
+                   questions=questions)
     results = []
     if paragon or (paragon is None and model_state(store, PARAGON) == "ready"):
         if log:
@@ -378,4 +411,5 @@ def evaluate_store(store: Store, routers: list[str] = ("ito",), paragon: bool | 
             log(f"sampling {cfg.samples} from CDM-{len(comps)} with the {r} router")
         results.append(ev.run(f"cdm-{len(comps)}", comps, r))
     return EvalReport(str(real), ev.features.kind, cfg, ev.floor(), results,
-                      None if ev.scorer is None else asdict(ev.real_alignment), None if ev.scorer is None else ev.scorer.kind)
+                      None if ev.scorer is None else asdict(ev.real_alignment), None if ev.scorer is None else ev.scorer.kind,
+                      None if ev.judge is None else dict(judge_accuracy=ev.judge.accuracy, scores=ev.tifa))
