@@ -156,8 +156,27 @@ def main() -> None:
     ap.add_argument("--public", type=int, default=600)
     ap.add_argument("--held-out", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--judge", type=int, default=0, metavar="STEPS",
+                    help="then train a judge on the held-out scenes for STEPS steps: its accuracy on the fifth it did "
+                         "not train on, and the score of real images under shuffled captions (chance level)")
     args = ap.parse_args()
-    print(json.dumps(build(args.out, args.size, args.per_owner, args.public, args.held_out, args.seed), indent=2))
+    out = build(args.out, args.size, args.per_owner, args.public, args.held_out, args.seed)
+    if args.judge:
+        out["judge"] = judge_check(args.out / "held-out", args.judge, args.seed)
+    print(json.dumps(out, indent=2))
+
+
+def judge_check(held: Path, steps: int, seed: int) -> dict:
+    from cdm.evaluation.tifa import fit_judge, read_questions, tifa
+
+    qs = read_questions(held / "questions.jsonl")
+    names = sorted(qs)
+    images = np.stack([np.asarray(Image.open(held / n).convert("RGB")) for n in names])
+    questions = [qs[n] for n in names]
+    judge = fit_judge(images, questions, steps=steps, seed=seed)
+    shuffled = tifa(judge, images, [questions[i] for i in np.random.RandomState(seed).permutation(len(questions))])
+    return dict(steps=steps, accuracy_on_unseen_real=round(judge.accuracy, 3),
+                shuffled_captions_score=round(shuffled.score, 3), shuffled_by_attribute=shuffled.by_attribute)
 
 
 if __name__ == "__main__":
