@@ -338,7 +338,8 @@ def test_image_dimensions_are_checked_before_decoding(tmp_path, monkeypatch):
 
 def test_a_forgotten_caption_leaves_no_bytes_in_the_registry_file(tmp_path, monkeypatch):
     """Every registry connection sets `secure_delete`, so a forgotten item's caption is not left
-    in a free page of the registry (or its journal), even where SQLite's default is off."""
+    in a free page of the registry (or its WAL or journal), even where SQLite's default is off;
+    its pixels were never in the registry, and its file is gone."""
     import sqlite3
 
     real = sqlite3.connect
@@ -356,8 +357,9 @@ def test_a_forgotten_caption_leaves_no_bytes_in_the_registry_file(tmp_path, monk
     assert secret in s.captions().values()
     api.forget(s, [items[0].hash], retrain=False)
     s.close()
-    blob = b"".join(p.read_bytes() for p in (tmp_path / "s").glob("registry.sqlite*"))
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "s").glob("registry.sqlite*"))  # the file, WAL, journal
     assert secret.encode() not in blob and b"plain 3" in blob
+    assert items[0].pixels.tobytes() not in blob and not s.item_path(items[0].hash).exists()  # its pixels too
 
 
 def test_sampling_a_captioned_class_store_says_how_to_condition_on_text(tmp_path):
