@@ -36,40 +36,11 @@ from cdm.app import api
 from cdm.models.nets import build_unet
 from cdm.models.precision import precision as at_precision
 from cdm.models.presets import unet_config
-from cdm.models.text import build_default
 from cdm.sampling.pipeline import CDMPipeline
 from cdm.sampling.settings import SamplingSettings
 from cdm.store.data import Item, load_builtin
 from cdm.store.recipes import RouterConfig, TrainConfig
-
-
-def sd_folder(path: Path, quick: bool) -> Path:
-    """A random Stable Diffusion folder: SD 1.5's shapes, or tiny ones (--quick)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    if quick:
-        enc = build_default(path.parent / "encoder", width=32, heads=2, max_length=32)
-        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                    layers_per_block=1, norm_num_groups=4, attention_head_dim=2, cross_attention_dim=32,
-                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                            norm_num_groups=4, sample_size=16)
-    else:
-        enc = build_default(path.parent / "encoder", width=768, layers=12, heads=12, max_length=77)
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' SD 1.x blocks, 860M
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=512,
-                            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel.from_pretrained(enc / "text_encoder"),
-                            tokenizer=CLIPTokenizer.from_pretrained(enc / "tokenizer"), unet=unet, scheduler=sched,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path)
-    return path
+from cdm.training.sd import random_folder
 
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (220, 220, 30)}
@@ -240,7 +211,7 @@ def main() -> None:
     out: dict = dict(device=args.device, quick=args.quick, torch=torch.__version__,
                      gpu=torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None)
     console.print("building the random SD folder")
-    folder = sd_folder(work / "sd", args.quick)
+    folder = random_folder(work / "sd", "tiny" if args.quick else "sd-1.5")
     for k in (2, 3) if args.quick else (2, 8):
         console.print(f"LoRA store of {k} owners")
         peak_reset(args.device)

@@ -16,8 +16,8 @@ from cdm.app import api
 from cdm.store.data import Item
 from cdm.training.forget import forget
 from cdm.errors import StoreError
-from cdm.models.text import build_default
 from cdm.store.recipes import RouterConfig, TrainConfig
+from cdm.training.sd import random_folder
 
 from .conftest import digests
 
@@ -27,26 +27,7 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 
 def tiny_sd_folder(path: Path) -> Path:
     """A random SD folder with every part (as diffusers' own pipeline tests build one)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    enc = build_default(path.parent / f"{path.name}-encoder", width=32, heads=2, max_length=32)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                    layers_per_block=1, norm_num_groups=4, attention_head_dim=2, cross_attention_dim=32,
-                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                            norm_num_groups=4, sample_size=16)
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel.from_pretrained(enc / "text_encoder"),
-                            tokenizer=CLIPTokenizer.from_pretrained(enc / "tokenizer"), unet=unet, scheduler=sched,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path)
-    return path
+    return random_folder(path, "tiny")
 
 
 @pytest.fixture(scope="module")
