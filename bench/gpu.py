@@ -40,7 +40,7 @@ from cdm.sampling.pipeline import CDMPipeline
 from cdm.sampling.settings import SamplingSettings
 from cdm.store.data import Item, load_builtin
 from cdm.store.recipes import RouterConfig, TrainConfig
-from cdm.training.sd import random_folder
+from cdm.models.random_sd import random_folder
 
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (220, 220, 30)}

@@ -17,7 +17,7 @@ from cdm.store.data import Item
 from cdm.training.forget import forget
 from cdm.errors import StoreError
 from cdm.store.recipes import RouterConfig, TrainConfig
-from cdm.training.sd import random_folder
+from cdm.models.random_sd import random_folder
 
 from .conftest import digests
 
