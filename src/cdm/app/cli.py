@@ -496,8 +496,8 @@ def items(store: Path, source: Optional[str] = typer.Option(None, help="Only thi
     with _open(store) as s:
         if compartment is not None:
             s.require_compartments([compartment])
-        if source is not None and source not in s.sources():
-            raise NotFound(f"unknown source {source!r}; known: {', '.join(s.sources()) or 'none'}")
+        if source is not None:
+            s.require_source(source)
         if file:  # each source's copy of the file's pixels (of --source only, if given)
             rows = [r for f in file for r in s.item_rows([_item_of_file(s, f, source)], source)]
         else:

@@ -423,6 +423,12 @@ class Store:
             raise NotFound(f"unknown compartment(s): {', '.join(unknown)}; known: {', '.join(known) or 'none'}")
         return sorted(set(names))
 
+    def require_source(self, name: str) -> str:
+        known = self.sources()
+        if name not in known:
+            raise NotFound(f"unknown source {name!r}; known: {', '.join(known) or 'none'}")
+        return name
+
     # --- items -----------------------------------------------------------------------
 
     def item_path(self, ihash: str) -> Path:

@@ -71,8 +71,6 @@ def _held_data(store: Store, gone, invalid: list[str], dropped: list[str], touch
 
 def _item_rows(store: Store, items: list[str], source: str | None, among: list[str] | None) -> list[ItemRow]:
     """The copies to forget: of `source` if given, else each hash's only copy (within `among`)."""
-    if source is not None and source not in store.sources():
-        raise NotFound(f"unknown source {source!r}; known: {', '.join(store.sources()) or 'none'}")
     hashes = list(dict.fromkeys(items))
     rows = [r for r in store.item_rows(hashes, source) if among is None or r.compartment in among]
     held: dict[str, list[ItemRow]] = {}
@@ -96,12 +94,12 @@ def _forget(store: Store, items, source, compartment, retrain, device, progress,
         raise DataError("forget needs exactly one of: item hashes (of one source, optionally), a source, a compartment")
     comps = store.compartments()
     dropped: list[str] = []
+    if source is not None:
+        store.require_source(source)
     if items:
         gone = _item_rows(store, items, source, among)
         source = None  # the source itself stays
     elif source is not None:
-        if source not in store.sources():
-            raise NotFound(f"unknown source {source!r}; known: {', '.join(store.sources()) or 'none'}")
         dropped = [c for c, s in comps.items() if s == source]
         gone = [r for r in store.items() if r.source == source]
     else:
