@@ -44,11 +44,7 @@ class Question:
 def read_questions(path: Path) -> dict[str, list[Question]]:
     """`questions.jsonl`: each image's questions, by file name. A bad line is a DataError naming it."""
     out: dict[str, list[Question]] = {}
-    try:
-        text = read_text(path)
-    except DataError as e:
-        raise DataError(f"{path} {e}") from None
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -129,7 +129,7 @@ def _sidecar_entries(folder: Path, entries) -> list[tuple[Path, str | None, str 
         try:
             text = read_text(txt)
         except DataError as e:
-            problems.append(f"{txt} {e}")
+            problems.append(str(e))
             continue
         try:
             out.append((p, lab, check_caption(text)))
@@ -146,7 +146,7 @@ def _metadata_entries(folder: Path, meta: Path, caption_column: str, caption_ask
     try:
         text = read_text(meta)
     except DataError as e:
-        raise DataError(f"{meta} {e}; nothing was ingested") from None
+        raise DataError(f"{e}; nothing was ingested") from None
     rows, problems = _rows(meta, text)
     captioned = any(caption_column in r for _, r in rows)
     if caption_asked and not captioned and rows:

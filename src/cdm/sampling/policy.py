@@ -112,11 +112,7 @@ class Policy:
         p = Path(path)
         if not p.is_file():
             raise StoreError(f"policy file not found: {p}")
-        try:
-            text = read_text(p)
-        except DataError as e:
-            raise DataError(f"{p} {e}") from None
-        return cls.parse(text, str(p))
+        return cls.parse(read_text(p), str(p))
 
     def user_for_key(self, key: str | None) -> str | None:
         """The user an API key belongs to, or None (compared as hashes, in constant time)."""

@@ -102,20 +102,20 @@ def check_prompt(text: str) -> str:
 
 
 def read_text(path: Path) -> str:
-    """A metadata, caption or policy file's text: UTF-8, with or without a byte-order mark. Anything
-    else (UTF-16, a Latin-1 byte among UTF-8, a BOM in the middle) is a DataError whose
-    message starts with the line (`line N: ...`); the caller puts the file's path before it."""
+    """A metadata, caption, questions or policy file's text: UTF-8, with or without a byte-order
+    mark. Anything else (UTF-16, a Latin-1 byte among UTF-8, a BOM in the middle) is a
+    DataError naming the file and the line (`PATH line N: ...`)."""
     data = path.read_bytes()
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise DataError("line 1: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+        raise DataError(f"{path} line 1: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"line {line}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if "\ufeff" in text:
         line = text[:text.index("\ufeff")].count("\n") + 1
-        raise DataError(f"line {line}: a byte-order mark inside the text (files joined together?)")
+        raise DataError(f"{path} line {line}: a byte-order mark inside the text (files joined together?)")
     return text
 
 
