@@ -37,6 +37,15 @@ def train(store: Store, **kw) -> list:
         return api.train(store, progress=cb, **kw)
 
 
+def train_models(store: Store, names: list[str]) -> list:
+    """api.run_jobs (these models, in plan order) with a rich progress bar."""
+    from cdm.app.progress import training_progress
+
+    prog, cb = training_progress(console)
+    with prog:
+        return api.run_jobs(store, names, progress=cb)
+
+
 def owner_judge(train_items: dict, steps: int):
     """A classifier of the owner (vendor) of an image, trained on the owners' training images;
     returns images (uint8 N,H,W,C) -> owner index, in the order of `train_items`."""

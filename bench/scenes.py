@@ -7,10 +7,17 @@ left of a large blue square". Generated here, never committed.
 
 Writes captioned imagefolders (metadata.jsonl: file_name, text):
 
-    OUT/fill/       owner "fill": shapes drawn filled, on a light background
-    OUT/outline/    owner "outline": the same scenes' kind drawn as outlines, on a dark one
-    OUT/public/     both styles, for a public-data encoder (bench use: `cdm text --train-on`)
-    OUT/held-out/   scenes no model sees, both styles, with questions.jsonl (TIFA-style)
+    OUT/fill/            owner "fill": shapes drawn filled, on a light background
+    OUT/outline/         owner "outline": the same scenes' kind drawn as outlines, on a dark one
+    OUT/fill-dark/       owner "fill-dark": filled, on the dark background
+    OUT/outline-light/   owner "outline-light": outlines, on the light background
+    OUT/public/          every style, for a public-data encoder (`cdm text --train-on`)
+    OUT/held-out/        scenes no model sees, every style
+
+Each folder has a questions.jsonl (TIFA-style) beside its metadata.jsonl.
+
+bench/alignment.py composes them as 4 owners, or as 2 (filled against outlined: each holds
+both backgrounds).
 
 A scene is one group on the left or right, or a group on each side ("A left of B"). Each
 caption answers questions about its regions (cdm.evaluation.tifa): per group, its colour,
@@ -31,7 +38,9 @@ COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (45, 75, 220), 
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 COUNTS = {1: "a", 2: "two"}
-STYLES = {"fill": dict(background=(235, 235, 228), fill=True), "outline": dict(background=(40, 40, 48), fill=False)}
+LIGHT, DARK = (235, 235, 228), (40, 40, 48)
+STYLES = {"fill": dict(background=LIGHT, fill=True), "outline": dict(background=DARK, fill=False),
+          "fill-dark": dict(background=DARK, fill=True), "outline-light": dict(background=LIGHT, fill=False)}
 
 
 @dataclass(frozen=True)
@@ -136,13 +145,13 @@ def build(out: Path, size: int = 32, per_owner: int = 600, public: int = 600, he
                 got.append((s, styles[len(got) % len(styles)]))
         return got
 
-    held = scenes(held_out, ["fill", "outline"], set())
+    styles = list(STYLES)
+    held = scenes(held_out, styles, set())
     held_caps = {s.caption() for s, _ in held}
-    parts = {"fill": scenes(per_owner, ["fill"], held_caps), "outline": scenes(per_owner, ["outline"], held_caps),
-             "public": scenes(public, ["fill", "outline"], held_caps)}
+    parts = {**{st: scenes(per_owner, [st], held_caps) for st in styles}, "public": scenes(public, styles, held_caps)}
     for name, items in parts.items():
         seen |= {s.caption() for s, _ in items}
-        write_folder(out / name, items, size, seed + len(name), questions=False)
+        write_folder(out / name, items, size, seed + len(name), questions=True)  # for scores on seen captions
     write_folder(out / "held-out", held, size, seed + 99, questions=True)
     return dict(size=size, **{k: len(v) for k, v in parts.items()}, held_out=len(held),
                 held_out_captions=len(held_caps), train_captions=len(seen))

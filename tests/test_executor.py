@@ -161,3 +161,21 @@ def test_ray_ships_the_text_encoder_and_vae_of_a_stable_diffusion_store(tmp_path
     api.train(a, executor=LocalExecutor(threads=1), router=False)
     api.train(b, executor=RayExecutor(threads=1), router=False)
     assert digests(a) == digests(b) and set(digests(b)) == {"ann", "bob", "base"}
+
+
+def test_ray_trains_an_encoder_on_public_sources_and_ships_its_folder(tmp_path, digits, cluster):
+    from .test_encoder import RECIPE
+    from .test_text import captioned
+
+    def build(path):
+        s = make_store(path, captioned(digits[:30], "a digit"), "one", source="ann")
+        api.ingest(s, "pub", captioned(digits[30:60], "a public digit"), "one")
+        api.set_text(s, train_on=["pub"], recipe=RECIPE)
+        return s
+
+    a, b = build(tmp_path / "a"), build(tmp_path / "b")
+    api.train(a, executor=LocalExecutor(threads=1), router=False)
+    res = api.train(b, executor=RayExecutor(threads=1), router=False)
+    assert [r.name for r in res][0] == "encoder"  # its folder (text_encoder/, tokenizer/) came back whole
+    assert digests(a) == digests(b) and set(digests(b)) == {"encoder", "ann", "pub"}
+    assert a.model("encoder").info["text_digest"] == b.model("encoder").info["text_digest"]

@@ -95,6 +95,7 @@ def test_cdm_eval_reports_the_tifa_score_when_questions_are_given(tmp_path, monk
     assert 0 <= t["judge_accuracy"] <= 1 and set(t["scores"]) == {"paragon:", "cdm-2:ito"}
     for score in t["scores"].values():
         assert score["low"] <= score["score"] <= score["high"] and score["questions"] >= 8 * 6
+    (tmp_path / "scenes" / "fill" / "questions.jsonl").unlink()
     plain = evaluate.evaluate_store(s, cfg=evaluate.EvalConfig.with_sampling(samples=4, steps=2),
                                     real=tmp_path / "scenes" / "fill")  # no questions there: no TIFA
     assert plain.tifa is None and "tifa" not in plain.to_dict()

@@ -259,6 +259,11 @@ def text(store: Path, encoder: Optional[Path] = typer.Option(None, help="Folder 
                                                                       "(CLIPTextModel + CLIPTokenizer, e.g. a Stable "
                                                                       "Diffusion folder); default: the embedded "
                                                                       "data-free encoder."),
+         train_on: Optional[list[str]] = typer.Option(None, "--train-on", help="Train the encoder here, "
+                                                      "contrastively, on this source's captioned items (repeatable): "
+                                                      "marks it public, every composition reads the encoder."),
+         encoder_steps: Optional[int] = typer.Option(None, min=1, help="With --train-on: the encoder's training "
+                                                                        "steps (default 1500)."),
          off: bool = typer.Option(False, "--off", help="Back to class-label conditioning."),
          show: bool = typer.Option(False, "--show", help="Only print the current setting."),
          json_out: bool = typer.Option(False, "--json")) -> None:
@@ -267,11 +272,18 @@ def text(store: Path, encoder: Optional[Path] = typer.Option(None, help="Folder 
     with _open(store) as s:
         if off and encoder is not None:
             _fail("--off takes no --encoder")
-        t = api.text_config(s) if show else api.set_text(s, encoder, off)
+        if encoder_steps is not None and not train_on:
+            _fail("--encoder-steps goes with --train-on")
+        recipe = None if encoder_steps is None else api.EncoderConfig(steps=encoder_steps)
+        t = api.text_config(s) if show else api.set_text(s, encoder, off, train_on=train_on, recipe=recipe)
     _emit(None if t is None else asdict(t), json_out)
     if not json_out:
         if t is None:
             out.print("denoisers are conditioned on class labels")
+        elif t.public:
+            out.print(f"denoisers are conditioned on captions: a text encoder trained here on public source(s) "
+                      f"{escape(', '.join(t.public))} (from the data-free {t.digest[:12]}, {t.max_length} tokens, "
+                      f"width {t.dim}); `cdm train` trains it first")
         else:
             out.print(f"denoisers are conditioned on captions: text encoder {escape(t.source)} ({t.digest[:12]}, "
                       f"{t.max_length} tokens, width {t.dim})")
@@ -384,7 +396,9 @@ def status(store: Path, json_out: bool = typer.Option(False, "--json")) -> None:
                   + (f"trained on public source(s) {', '.join(a['public'])}" if a["public"] else "imported")
                   + f": {a['base']}")
     if st["text"]:
-        out.print(f"conditioned on captions: text encoder {escape(st['text']['source'])} ({st['text']['digest'][:12]})")
+        t = st["text"]
+        out.print(f"conditioned on captions: text encoder {escape(t['source'])} ({t['digest'][:12]})" + (
+            f", trained on public source(s) {escape(', '.join(t['public']))}: {t['encoder']}" if t["public"] else ""))
     if st["latent"]:
         out.print(f"latent space: VAE {escape(st['latent']['source'])} ({st['latent']['digest'][:12]}, "
                   f"{st['latent']['factor']}x smaller, {st['latent']['channels']} channels)")

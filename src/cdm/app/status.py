@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from ..sampling.policy import store_policy
 from ..store.recipes import adapter_config, latent_config, recipe_fields, text_config, train_config
-from ..store.registry import BASE, PARAGON, ROUTER, Store
+from ..store.registry import BASE, ENCODER, PARAGON, ROUTER, Store
 from ..training.kinds import model_state
 
 
@@ -43,7 +43,8 @@ def status(store: Store) -> dict:
     adapters = None if a is None else dict(asdict(a), public=list(a.public), base=model_state(store, BASE))
     t = text_config(store)
     return dict(store=str(store.root), config=asdict(cfg), train=recipe_fields(train_config(store)), policy=users or None,
-                adapters=adapters, text=None if t is None else asdict(t),
+                adapters=adapters, text=None if t is None else dict(asdict(t), public=list(t.public), **(
+                    {"encoder": model_state(store, ENCODER)} if t.public else {})),
                 latent=None if latent_config(store) is None else asdict(latent_config(store)),
                 sources=store.sources(), items=sum(counts.values()), labels=hist_all, compartments=comps,
                 paragon=models[PARAGON], router=dict(

@@ -33,6 +33,7 @@ from ..store.data import Item, hash_int, to_tensor_array
 from ..store.registry import Store, write_folder_once
 from ..errors import StoreError
 from ..models.text import quiet_transformers
+from ..models.nets import clip_loss
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -109,9 +110,7 @@ def fit_align(pairs: list[Item], cfg: AlignConfig = AlignConfig()) -> AlignNet:
         bc = [caps[i] for i in b]
         txt = net.embed_texts(*_bag(bc, cfg.buckets))
         same = torch.tensor([[a == c for c in bc] for a in bc], dtype=torch.float32)  # equal captions are positives
-        target = same / same.sum(1, keepdim=True)
-        logits = net.logit_scale.exp().clamp(max=100) * img @ txt.T
-        loss = (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.log_softmax(0).T, 1).mean()) / 2
+        loss = clip_loss(img, txt, net.logit_scale, same)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -29,7 +29,7 @@ import scipy.linalg
 import torch
 
 from .alignment import AlignConfig, AlignScorer, ClipScorer, align_model
-from .tifa import JUDGE_STEPS, Question, fit_judge, read_questions, tifa
+from .tifa import JUDGE_STEPS, Judge, Question, fit_judge, read_questions, tifa
 from ..store.data import BUILTINS, Item, load_builtin, to_tensor_array
 from ..ingest.folders import load_folder
 from ..ingest.ingest import resize_items
@@ -231,7 +231,8 @@ class Evaluator:
                  inception: str | Path | None = None, device: str = "cpu", extractor: ExtractorConfig = ExtractorConfig(),
                  features: Features | None = None, clip: str | Path | None = None,
                  align: AlignConfig = AlignConfig(), scorer: AlignScorer | None = None,
-                 questions: dict[str, list[Question]] | None = None):  # by image file (resolved path)
+                 questions: dict[str, list[Question]] | None = None,  # by image file (resolved path)
+                 judge: Judge | None = None):  # fit on the questions' images if not given
         if len(real) < 2:
             raise StoreError("evaluation needs held-out real images (at least 2)")
         want = (store.config.image_size, store.config.image_size, store.config.channels)
@@ -259,8 +260,8 @@ class Evaluator:
             if not asked:
                 raise StoreError("questions.jsonl names none of the held-out images")
             self.questions = {it.caption: questions[key(it)] for it in asked}
-            self.judge = fit_judge(np.stack([it.pixels for it in asked]), [questions[key(it)] for it in asked],
-                                   JUDGE_STEPS, cfg.seed)
+            self.judge = judge or fit_judge(np.stack([it.pixels for it in asked]), [questions[key(it)] for it in asked],
+                                            JUDGE_STEPS, cfg.seed)
         self.features = features or Features(store, inception, device, extractor)
         self.real_feats, _ = self.features(np.stack([it.pixels for it in real]))
         rows = store.items()

@@ -16,7 +16,7 @@ from ..store.data import Item, SplitRule, assign_slice, check_caption, check_lab
 from .folders import canonical
 from ..models.text import load_encoder
 from ..store.recipes import text_config, text_dir
-from ..store.registry import BASE, PARAGON, ROUTER, Store, crashpoint, now
+from ..store.registry import RESERVED, Store, crashpoint, now
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _ingest(store: Store, source: str, items: list[Item], split: str, actor: str
         labels[name] = next_id + i
 
     comps = rule.compartment_names(source)
-    reserved = [c for c in comps if c in (PARAGON, ROUTER, BASE)]
+    reserved = [c for c in comps if c in RESERVED]
     if reserved:
         raise DataError(f"compartment name(s) {', '.join(reserved)} are reserved; rename source {source!r}")
     owners = store.compartments()

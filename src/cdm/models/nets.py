@@ -91,3 +91,42 @@ class FeatureNet(ModelMixin, ConfigMixin):
         """Images in [-1, 1] -> (features, logits)."""
         f = self.body(x)
         return f, self.head(f)
+
+
+class ClipPair(nn.Module):
+    """A text encoder beside a small image tower, trained with CLIP's symmetric contrastive loss
+    (Radford et al. 2021, Eq. in Fig. 3): the text side is a CLIPTextModel (its EOS state,
+    projected), the image side a small CNN; equal captions in a batch are all positives."""
+
+    def __init__(self, text: nn.Module, in_channels: int, width: int, dim: int):
+        super().__init__()
+        w = width
+        self.text = text
+        self.image = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, dim))
+        self.text_proj = nn.Linear(text.config.hidden_size, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), CLIP's start
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch: images in [-1, 1], token ids, and an id per distinct caption."""
+        img = nn.functional.normalize(self.image(x), dim=-1)
+        txt = nn.functional.normalize(self.text_proj(self.text(ids).pooler_output), dim=-1)
+        return clip_loss(img, txt, self.logit_scale, (caption[:, None] == caption[None, :]).float())
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over unit image and text embeddings; `same[i, j]` = 1 where pair i's
+    caption is pair j's (every such pair is a positive)."""
+    logits = logit_scale.exp().clamp(max=100) * img @ txt.T
+    target = same / same.sum(1, keepdim=True)
+    return (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.log_softmax(0).T, 1).mean()) / 2
+
+
+def build_clip(text: nn.Module, config: dict, seed: int) -> ClipPair:
+    """`text` (trainable from here on) with a fresh image tower and projection from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ClipPair(text.train().requires_grad_(True), config["in_channels"], config["width"], config["dim"])

@@ -20,7 +20,7 @@ from ..models.adapters import AdapterBank, PromptModel, merged
 from ..models.grouped import Group
 from ..models.latent import load_latents
 from ..models.text import load_encoder
-from ..store.recipes import is_full, is_prompt, latent_config, latent_dir, text_config, text_dir
+from ..store.recipes import encoder_pin, is_full, is_prompt, latent_config, latent_dir, text_config
 from ..store.registry import ADAPTER_WEIGHTS, BASE, ROUTER, WEIGHTS, Store, file_digest
 from ..errors import NotReady, StoreError
 from ..training.kinds import kind_of
@@ -50,8 +50,8 @@ MODELS = ModelCache()
 
 
 def _live_digests(store: Store) -> set:
-    text, latent = text_config(store), latent_config(store)
-    return {m.digest for m in store.models().values()} | {c.digest for c in (text, latent) if c is not None}
+    text, latent = encoder_pin(store), latent_config(store)
+    return {m.digest for m in store.models().values()} | {d for d in (text and text[1], latent and latent.digest) if d}
 
 
 def load_unet(store: Store, name: str, device: str = "cpu") -> UNet2DModel:
@@ -106,11 +106,13 @@ def load_classifier(store: Store, names: list[str], device: str = "cpu") -> Clas
 
 def load_text(store: Store, device: str = "cpu"):
     """The store's frozen text encoder (checked against its digest), or None for a class-conditional store."""
-    config = text_config(store)
-    if config is None:
+    if text_config(store) is None:
         return None
-    folder = text_dir(store, config)
-    return MODELS.get(store, "text", (config.digest,), device, lambda: load_encoder(folder, config.digest, device))
+    pin = encoder_pin(store)
+    if pin is None:
+        raise NotReady("the text encoder trained on public sources is not trained; run `cdm train`")
+    folder, digest = pin
+    return MODELS.get(store, "text", (digest,), device, lambda: load_encoder(folder, digest, device))
 
 
 def load_vae(store: Store, device: str = "cpu"):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .data import hash_int
-from .registry import Store
+from .registry import ENCODER, Store
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -58,6 +58,12 @@ class TrainConfig:
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")  # arithmetic of model calls (cdm.models.precision)
 
 
+def trains_as(precision: str) -> str:
+    """The arithmetic a recipe trains with: an "auto" not yet recorded by `cdm train` trains as
+    fp32, which is what every spec judged before the first run says (so no model goes stale)."""
+    return "fp32" if precision == "auto" else precision
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """Recipe of the classifier router (CDM paper: a noisy-input compartment classifier)."""
@@ -81,7 +87,7 @@ def recipe_fields(cfg) -> dict:
         for k in ("epochs", "min_steps", "beta_start", "beta_end"):
             if d[k] == getattr(TrainConfig, k):
                 del d[k]
-        if d["precision"] in ("auto", "fp32"):  # auto trains as fp32 wherever a spec is judged
+        if trains_as(d["precision"]) == "fp32":
             del d["precision"]
     return d
 
@@ -151,10 +157,27 @@ def is_full(recipe: dict) -> bool:
 class TextConfig:
     """A store's text conditioning (meta "text"): which encoder, pinned by its digest."""
 
-    digest: str  # of the encoder folder (`folder_digest`)
-    source: str  # "default" or the folder it was imported from
+    digest: str  # of the encoder folder (`folder_digest`); a trained encoder's: the data-free one it starts from
+    source: str  # "default", the folder it was imported from, or "trained" (on `public`)
     max_length: int  # tokens per prompt, start and end included
     dim: int  # width of the embeddings (the UNets' cross_attention_dim)
+    # the sources a text encoder trained in the store learns from (`cdm text --train-on`): the
+    # model `encoder` (cdm.training.kinds.Encoder), fine-tuned contrastively from the folder above
+    public: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Recipe of a text encoder trained on public sources (CLIP's contrastive loss, Radford et al.
+    2021): the data-free default encoder fine-tuned beside a small image tower."""
+
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 5e-4
+    warmup: int = 100
+    image_width: int = 32  # the image tower's first convolution (then 2x, 4x)
+    dim: int = 64  # the joint embedding
+    checkpoint_every: int = 250
 
 
 
@@ -198,12 +221,28 @@ def adapter_config(store: Store) -> AdapterConfig | None:
 def text_config(store: Store) -> TextConfig | None:
     """The store's text conditioning (`cdm text`), or None when it is class-conditional."""
     t = store.get_meta("text")
-    return None if t is None else TextConfig(**t)
+    return None if t is None else TextConfig(**{**t, "public": tuple(t.get("public", ()))})
 
 
 def text_dir(store: Store, config: TextConfig) -> Path:
-    """Where the store keeps its text encoder folder."""
+    """Where the store keeps its text encoder folder (a trained encoder's: the one it starts from)."""
     return store.root / "text" / config.digest
+
+
+def encoder_config(store: Store) -> EncoderConfig:
+    return EncoderConfig(**store.get_meta("encoder", {}))
+
+
+def encoder_pin(store: Store) -> tuple[Path, str] | None:
+    """The encoder folder the store's denoisers read and its digest (what their specs pin): the
+    imported or default one, or the trained model `encoder` (None while it is not trained)."""
+    t = text_config(store)
+    if t is None:
+        return None
+    if not t.public:
+        return text_dir(store, t), t.digest
+    row = store.model(ENCODER)
+    return None if row is None else (store.folder(row), row.info["text_digest"])
 
 
 def latent_config(store: Store) -> LatentConfig | None:

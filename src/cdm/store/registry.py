@@ -44,6 +44,8 @@ SCHEMA_VERSION = 2  # 2: an item is its source's copy, keyed (source, hash); 1 k
 PARAGON = "paragon"
 ROUTER = "router"
 BASE = "base"  # shared base model of adapter compartments
+ENCODER = "encoder"  # a text encoder trained on public sources (`cdm text --train-on`)
+RESERVED = (PARAGON, ROUTER, BASE, ENCODER)  # model names that are not compartments
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # a diffusers model folder's weights
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name for an adapter's weights
 

@@ -11,10 +11,10 @@ import shutil
 from dataclasses import asdict, replace
 
 from .executor import Executor, LocalExecutor, Task
-from .kinds import build_job, kind_of, train_plan
+from .kinds import UPSTREAM, build_job, kind_of, train_plan
 from ..models.precision import resolve
-from ..store.recipes import router_config, train_config
-from ..store.registry import BASE, Store
+from ..store.recipes import router_config, train_config, trains_as
+from ..store.registry import Store
 from ..errors import DataError, StoreError
 from .job import Progress, TrainResult
 
@@ -75,7 +75,7 @@ def _set_precision(store: Store, asked: str | None, device: str, actor: str | No
     if want != current:
         with store.tx() as db:
             store.set_meta(db, "train", asdict(replace(train_config(store), precision=want)))
-            if not (current == "auto" and want == "fp32"):  # auto trained as fp32 already: no model changes
+            if trains_as(current) != want:  # an unrecorded auto trained as fp32 already: no model changes
                 store.log(db, "config", {"train.precision": want}, actor)
 
 
@@ -83,10 +83,11 @@ def run_jobs(store: Store, names: list[str], executor: Executor | None = None, p
              actor: str | None = None) -> list[TrainResult]:
     """Build the named models' jobs, run them on `executor` and install each model atomically
     as it arrives. A failed job is reported by name (`TrainError`) after the rest are installed.
-    A named base model is trained and installed first, and the other jobs built after it: an
-    adapter's job holds its base's digest (if the base fails, nothing else runs)."""
+    Named upstream models (the trained text encoder, then the adapters' base) are trained and
+    installed first, each alone, and the other jobs built after them: a job holds the digests
+    of what it is built on (if one fails, nothing after it runs)."""
     executor = executor or LocalExecutor()
-    waves = [[BASE], [n for n in names if n != BASE]] if BASE in names else [names]
+    waves = [w for w in [*([u] for u in UPSTREAM if u in names), [n for n in names if n not in UPSTREAM]] if w]
     results: list[TrainResult] = []
     failed: dict[str, str] = {}
     with store.writing("train"):
@@ -111,7 +112,7 @@ def _run_wave(store: Store, names: list[str], executor: Executor, progress: Prog
                 continue
             info = dict(items=res.items, steps=job.train.steps, seconds=round(res.seconds, 3),
                         final_loss=res.final_loss, resumed_from=res.resumed_from, classes=job.classes,
-                        executor=executor.name, threads=o.threads, weights=job.weights)
+                        executor=executor.name, threads=o.threads, weights=job.weights, **res.info)
             if job.adapter:
                 info["adapter"] = job.adapter  # recipe and base digest
             row = store.install_model(job.name, job.kind, job.spec, o.task.out_dir, job.weights, info,

@@ -16,9 +16,9 @@ from ..models import text
 from ..models.nets import unet_class
 from ..models.presets import default_preset, unet_config
 from ..models.text import build_default, check_folder
-from ..store.recipes import (AdapterConfig, RouterConfig, TextConfig, TrainConfig, check_kind, model_shape,
-                             text_config, train_config)
-from ..store.registry import WEIGHTS, Store, StoreConfig, crashpoint, file_digest, refuse_links
+from ..store.recipes import (AdapterConfig, EncoderConfig, RouterConfig, TextConfig, TrainConfig, check_kind,
+                             encoder_config, model_shape, text_config, train_config)
+from ..store.registry import ENCODER, WEIGHTS, Store, StoreConfig, crashpoint, file_digest, refuse_links
 from ..errors import DataError, StoreError
 from .sd import import_sd, install_base, is_sd_folder
 
@@ -84,14 +84,24 @@ def set_adapters(store: Store, public: list[str] | None = None, base_from: str |
 
 
 def set_text(store: Store, encoder: str | Path | None = None, off: bool = False,
-             actor: str | None = None) -> TextConfig | None:
+             actor: str | None = None, train_on: list[str] | None = None,
+             recipe: EncoderConfig | None = None) -> TextConfig | None:
     """Condition every denoiser on its items' captions through a frozen text encoder: the one in
-    folder `encoder` (its `text_encoder/` and `tokenizer/`, e.g. a Stable Diffusion folder) or,
-    by default, the embedded data-free encoder (cdm.models.text). `off` goes back to class labels.
+    folder `encoder` (its `text_encoder/` and `tokenizer/`, e.g. a Stable Diffusion folder), by
+    default the embedded data-free encoder (cdm.models.text), or with `train_on` one trained in
+    the store on those sources' captioned items only (they become public: every composition
+    reads the encoder; cdm.training.kinds.Encoder; `recipe`: how it trains). `off` goes back to
+    class labels. Changing the setting away from a trained encoder deletes it and every model.
     Every stored caption must fit the encoder (the error names each item that does not, and
     nothing changes). Changing this makes every model stale; `cdm train` rebuilds them."""
+    if train_on and (encoder is not None or off):
+        raise DataError("an encoder trained on public sources (--train-on) starts from the data-free one: "
+                        "give no --encoder or --off with it")
     with store.writing("text"):
         cfg = None
+        if train_on:
+            for src in train_on:
+                store.require_source(src)
         if not off:
             tmp = None
             if encoder is None:
@@ -100,17 +110,38 @@ def set_text(store: Store, encoder: str | Path | None = None, off: bool = False,
             try:
                 cfg, enc = check_folder(Path(encoder))
                 if tmp is not None:
-                    cfg = replace(cfg, source="default")
+                    cfg = replace(cfg, source="trained", public=tuple(sorted(set(train_on)))) if train_on else \
+                        replace(cfg, source="default")
                 enc.check_store(store)
                 text.install(Path(encoder), store.root / "text", cfg.digest)
                 crashpoint("text:installed")
             finally:
                 if tmp is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
+        intent = None
         with store.tx() as db:
+            if store.model(ENCODER) is not None and cfg != text_config(store):
+                intent = _drop_trained_encoder(store, db)
             store.set_meta(db, "text", None if cfg is None else asdict(cfg))
-            store.log(db, "config", {"text": None if cfg is None else asdict(cfg)}, actor)
+            if train_on:
+                store.set_meta(db, "encoder", asdict(recipe or encoder_config(store)))
+            store.log(db, "config", {"text": None if cfg is None else asdict(cfg),
+                                     **({"encoder": asdict(encoder_config(store))} if train_on else {})}, actor)
+        if intent is not None:
+            store.finish_cleanup(intent)
         return cfg
+
+
+def _drop_trained_encoder(store: Store, db) -> str:
+    """Inside the transaction that changes the text setting: delete the encoder trained on public
+    sources and every model built on it, with their checkpoints (they are all stale, and forgetting
+    judges the encoder by the sources it is set to learn from now, so none may outlive the setting).
+    Returns the cleanup intent to finish after the commit."""
+    names = sorted(store.models())
+    store.delete_records(db, [], names, [], None)
+    held = [p for n in dict.fromkeys([ENCODER, *names])
+            for p in (*store.model_versions(n), store.checkpoint_dir(n), store.work_dir(n))]
+    return store.add_cleanup(db, [store.relative(p) for p in held])
 
 
 def _check_base_folder(store: Store, folder: Path) -> str:

@@ -204,11 +204,11 @@ def _unpack(t: Task, out: dict) -> Outcome:
     for rel, data in [*((f"out/{k}", v) for k, v in out["model"].items()),
                       *((f"ckpt/{k}", v) for k, v in out["ckpt"].items())]:
         sub, name = rel.split("/", 1)
-        d = t.out_dir if sub == "out" else t.ckpt_dir
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".tmp-{name}"
+        dest = (t.out_dir if sub == "out" else t.ckpt_dir) / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".tmp-{dest.name}")
         tmp.write_bytes(data)
-        tmp.replace(d / name)
+        tmp.replace(dest)
     prune_checkpoints(t.job, t.ckpt_dir)
     (t.work_dir / RESUME).unlink(missing_ok=True)
     res = out["result"]
@@ -249,7 +249,8 @@ def _ray_task(job: TrainJob, files: dict[str, bytes], device: str, threads: int,
         shipped = {rel.split("/", 1)[1] for rel in files if rel.startswith("ckpt/")}
         with _threads(threads) as n:
             res = train_job(job, root / "out", root / "ckpt", root / "work", device, progress)
-        read = (lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()} if d.is_dir() else {})
+        read = (lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+                if d.is_dir() else {})  # a model folder may have parts (an encoder's text_encoder/, tokenizer/)
         ckpt = {k: v for k, v in read(root / "ckpt").items() if k not in shipped}
         return dict(result=res, model=read(root / "out"), ckpt=ckpt, threads=n)
 

@@ -55,10 +55,11 @@ class TrainJob:
     adapter: dict | None = None  # adapter compartment: its recipe and its base's weights digest ("base")
     base_dir: str | None = None
     captions: list[str | None] | None = None  # text store: each item's caption (None: the empty prompt)
-    text_encoder: str | None = None  # text store: the encoder folder's digest
+    text_encoder: str | None = None  # text store: the encoder folder's digest (a trained encoder's job: its start)
     text_dir: str | None = None
     latent: dict | None = None  # latent store: the VAE (LatentConfig without its source)
     latent_dir: str | None = None
+    weights_file: str | None = None  # the file whose digest the registry records, where not the default
 
     def pinned(self) -> dict:
         """What the job depends on besides items, recipe and seed, as the spec records it."""
@@ -90,6 +91,8 @@ class TrainJob:
     @property
     def weights(self) -> str:
         """The file of its model folder whose digest the registry records."""
+        if self.weights_file:
+            return self.weights_file
         return ADAPTER_WEIGHTS if self.adapter and not is_full(self.adapter) else WEIGHTS
 
 
@@ -106,6 +109,7 @@ class TrainResult:
     out_dir: Path
     planned: int = 0  # the model's steps by its recipe (after an epoch budget), all stages
     notes: tuple[str, ...] = ()  # why `steps` differs from `planned`, one reason each
+    info: dict = field(default_factory=dict)  # what its trainer adds to the registry's record (trainer.save)
 
 
 def stage_steps(total: int, stages: int) -> list[int]:

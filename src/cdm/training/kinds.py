@@ -2,13 +2,16 @@
 whether it is up to date, and what forgetting does to it. `cdm train` and `cdm forget`
 both ask the plan what to (re)build.
 
-A model is named by what it serves: a compartment's name, `paragon`, `router` or `base`,
-and `kind_of(name)` gives its `Kind`. A kind is one object here plus its training code, a
-`Trainer` in cdm.training.trainers named by `Kind.trainer`: adding a kind (a text encoder
-trained on public data, a VAE) is one subclass and one line in `KINDS`, and a trainer if
-none fits. Its job (cdm.training.job.TrainJob) holds everything the model depends on; the
-registry records the job's spec, so a model is up to date exactly when a fresh job has the
-same spec (docs/architecture.md, invariant 1). Nothing here imports torch.
+A model is named by what it serves: a compartment's name, or the name of a kind that has one
+model per store (`paragon`, `router`, `base`, `encoder`), and `kind_of(name)` gives its
+`Kind`. A kind is one object here plus its training code, a trainer in
+cdm.training.trainers named by `Kind.trainer`: adding a kind is one subclass and one line in
+`KINDS`, and a trainer if none fits (`Encoder`, a text encoder trained on public data, was
+added so). A kind built on another model says so in `needs`; the plan trains what is needed
+first, and forgetting deletes what was built on what it deletes. Its job
+(cdm.training.job.TrainJob) holds everything the model depends on; the registry records the
+job's spec, so a model is up to date exactly when a fresh job has the same spec
+(docs/architecture.md, invariant 1). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from dataclasses import asdict
 import numpy as np
 
 from ..models.presets import text_unet_config, unet_config
-from ..store.recipes import (adapter_config, latent_config, latent_dir, model_seed, model_shape, null_label,
-                             recipe_fields, router_config, text_config, text_dir, train_config)
-from ..store.registry import BASE, PARAGON, ROUTER, ItemRow, Store
+from ..store.recipes import (adapter_config, encoder_config, encoder_pin, latent_config, latent_dir, model_seed,
+                             model_shape, null_label, recipe_fields, router_config, text_config, text_dir, train_config)
+from ..store.registry import BASE, ENCODER, PARAGON, ROUTER, ItemRow, Store
 from ..errors import NotReady, StoreError
 from .job import TrainJob
 
@@ -32,6 +35,7 @@ class Kind:
     - `rows`: the items it trains on; `trainable`: whether the store can train one now.
     - `job`: the self-contained job that builds it (`build_job` adds the store-wide parts).
     - `state`: 'missing', 'stale' or 'ready'.
+    - `needs`: the models it is built on (trained first); `blocked`: why one cannot be built.
     - Forgetting: a model whose `rows` held a forgotten item is deleted with its stale slice
       checkpoints (`checkpoints`: it keeps them), then retrained from the last valid one;
       `dependents` are deleted with it (they were built on it).
@@ -40,6 +44,7 @@ class Kind:
     name: str
     trainer = "denoiser"  # its training code: cdm.training.trainers.TRAINERS[trainer]
     checkpoints = True  # keeps a checkpoint after each SISA stage
+    conditioned = True  # on captions through the store's encoder (a text store), on latents (a latent store)
 
     def rows(self, store: Store, name: str) -> list[ItemRow]:
         raise NotImplementedError
@@ -63,6 +68,15 @@ class Kind:
         if row is None:
             return "missing"
         return "ready" if row.spec == build_job(store, name, load_pixels=False).spec else "stale"
+
+    def needs(self, store: Store, name: str) -> list[str]:
+        """The models this one is built on: a text encoder trained in the store."""
+        t = text_config(store)
+        return [ENCODER] if self.conditioned and t is not None and t.public else []
+
+    def blocked(self, store: Store) -> Exception | None:
+        """Why the store cannot build this model now (kinds others are built on), else None."""
+        return None
 
     def dependents(self, store: Store) -> list[str]:
         return []
@@ -88,6 +102,9 @@ class Compartment(Kind):
             job.adapter = dict(**adapters.recipe(), base=base.digest if base else None)
             job.base_dir = str(store.folder(base)) if base else None
         return job
+
+    def needs(self, store, name):
+        return [*super().needs(store, name), *([BASE] if adapter_config(store) is not None else [])]
 
 
 class Paragon(Kind):
@@ -151,12 +168,69 @@ class Base(Kind):
             return "ready" if a is not None and row.spec == f"import:{a.base_from}" else "stale"
         return super().state(store, name)
 
+    def blocked(self, store):
+        a = adapter_config(store)
+        if a is not None and a.base_from:
+            return NotReady("the imported base model is missing or corrupted; import it again with "
+                            "`cdm adapters --base-from DIR`")
+        if a is not None and not self.rows(store, BASE):
+            return StoreError(f"the base model trains on source(s) {', '.join(a.public)}, which hold no items")
+        return None
+
     def dependents(self, store):
         return [n for n, m in sorted(store.models().items()) if m.info.get("adapter")]
 
 
-KINDS = {k.name: k for k in (Compartment(), Paragon(), Router(), Base())}
-NAMED = {PARAGON: KINDS["paragon"], ROUTER: KINDS["router"], BASE: KINDS["base"]}  # every other name: a compartment
+class Encoder(Kind):
+    """A text encoder trained in the store on the captioned items of public sources only
+    (`cdm text --train-on`): the data-free default fine-tuned with CLIP's contrastive loss beside
+    a small image tower (cdm.training.trainers.Clip). Every denoiser and the router read it,
+    frozen, pinned by its folder's digest; forgetting one of its items retrains it from scratch
+    (no SISA stages), and then everything built on it."""
+
+    name = "encoder"
+    trainer = "clip"
+    checkpoints = False
+    conditioned = False  # it is the encoder; it sees pixels, never latents
+
+    def rows(self, store, name):
+        t = text_config(store)
+        if t is None or not t.public:
+            return []
+        caps = store.captions()
+        return sorted((r for r in store.items() if r.source in t.public and caps.get((r.source, r.hash))),
+                      key=lambda r: (r.source, r.hash))
+
+    def trainable(self, store, name, counts):
+        return len(self.rows(store, name)) >= 2
+
+    def job(self, store, name, rows):
+        t, cfg = text_config(store), encoder_config(store)
+        if t is None or not t.public:
+            raise StoreError("this store's text encoder is not trained here (see `cdm text --train-on`)")
+        caps = store.captions(rows)
+        return TrainJob(name=name, kind=self.name, hashes=[r.hash for r in rows], labels=[null_label(store)] * len(rows),
+                        slices=[0] * len(rows), captions=[caps[(r.source, r.hash)] for r in rows],
+                        model_config=dict(image_size=store.config.image_size, in_channels=store.config.channels,
+                                          width=cfg.image_width, dim=cfg.dim),
+                        train=cfg, seed=model_seed(store, name), staged=False, null_label=null_label(store),
+                        text_encoder=t.digest, text_dir=str(text_dir(store, t)),  # the data-free start
+                        weights_file="text_encoder/model.safetensors")
+
+    def blocked(self, store):
+        t = text_config(store)
+        if t is not None and t.public and not self.trainable(store, ENCODER, {}):
+            return StoreError(f"the text encoder trains on the captioned items of source(s) {', '.join(t.public)}, "
+                              "which hold fewer than 2")
+        return None
+
+    def dependents(self, store):
+        return [n for n in sorted(store.models()) if n != ENCODER]
+
+
+KINDS = {k.name: k for k in (Compartment(), Paragon(), Router(), Base(), Encoder())}
+NAMED = {k.name: k for k in KINDS.values() if k.name != "compartment"}  # one model each; every other name: a compartment
+UPSTREAM = (ENCODER, BASE)  # kinds others are built on, in the order they are trained
 
 
 def kind_of(name: str) -> Kind:
@@ -179,11 +253,15 @@ def build_job(store: Store, name: str, load_pixels: bool = True) -> TrainJob:
     rows = kind.rows(store, name)
     job = kind.job(store, name, rows)
     text, latent = text_config(store), latent_config(store)
-    if text:  # conditioned on captions through the store's frozen encoder (cdm.models.text)
+    if text and kind.conditioned:  # conditioned on captions through the store's frozen encoder (cdm.models.text)
         caps = store.captions(rows)
         job.captions = [caps.get((r.source, r.hash)) for r in rows]
-        job.text_encoder, job.text_dir = text.digest, str(text_dir(store, text))
-    if latent:  # trained on the frozen VAE's latents (cdm.models.latent)
+        pin = encoder_pin(store)
+        if pin is None and load_pixels:
+            raise NotReady(f"{name!r} reads the text encoder trained on public sources, which is not trained; "
+                           "run `cdm train`")
+        job.text_encoder, job.text_dir = (pin[1], str(pin[0])) if pin else ("untrained", None)
+    if latent and kind.conditioned:  # trained on the frozen VAE's latents (cdm.models.latent)
         job.latent = {k: v for k, v in asdict(latent).items() if k != "source"}
         job.latent_dir = str(latent_dir(store, latent))
     if load_pixels and job.hashes:
@@ -201,7 +279,7 @@ def saw(store: Store, items: list[ItemRow]) -> list[str]:
     copy of the same pixels is another item), then the models built on those (adapters on a
     base that saw them): everything forgetting the items must delete."""
     models, gone = store.models(), {(r.source, r.hash) for r in items}
-    names = [*sorted(n for n in models if kind_of(n) is KINDS["compartment"]), PARAGON, ROUTER, BASE]
+    names = [*sorted(n for n in models if kind_of(n) is KINDS["compartment"]), *NAMED]
     direct = [n for n in names if n in models and any((r.source, r.hash) in gone for r in kind_of(n).rows(store, n))]
     built_on = [d for n in direct for d in kind_of(n).dependents(store) if d not in direct]
     return direct + list(dict.fromkeys(built_on))
@@ -211,29 +289,26 @@ def plan(store: Store, candidates: list[str], strict: bool = True) -> list[str]:
     """Of the `candidates`, those to (re)train now, in training order (the base first).
 
     A candidate is dropped if it is up to date or its kind cannot be trained (a compartment
-    without items, a router over fewer than two). Adapters need an up-to-date base: a stale
-    base is retrained first, with every adapter after it. Where the base cannot be built,
-    `strict` raises; otherwise its adapters are dropped (forgetting the last public item).
+    without items, a router over fewer than two). What is built on an upstream model (`UPSTREAM`:
+    the trained text encoder, the adapters' base) needs it up to date: a stale one is retrained
+    first, with every candidate built on it after it. Where it cannot be built, `strict` raises;
+    otherwise what is built on it is dropped (forgetting the last public item).
     """
     counts = store.counts()
-    order = {n: i for i, n in enumerate([BASE, *sorted(store.compartments()), PARAGON, ROUTER])}
+    order = {n: i for i, n in enumerate([*UPSTREAM, *sorted(store.compartments()), PARAGON, ROUTER])}
     want = [n for n in dict.fromkeys(candidates) if n in order]  # a dropped compartment is not
     todo = [n for n in want if _trainable(store, n, counts) and model_state(store, n) != "ready"]
-    adapters = adapter_config(store)
-    on_base = {KINDS["compartment"], KINDS["base"]}
-    if adapters is not None and any(kind_of(n) in on_base for n in todo) and model_state(store, BASE) != "ready":
-        if adapters.base_from:
+    for up in UPSTREAM:
+        on = lambda n: up in kind_of(n).needs(store, n) or (n == BASE and up == BASE)  # noqa: E731
+        if not any(on(n) and _trainable(store, n, counts) for n in want) or model_state(store, up) == "ready":
+            continue
+        why = kind_of(up).blocked(store)
+        if why is not None:
             if strict:
-                raise NotReady("the imported base model is missing or corrupted; import it again with "
-                               "`cdm adapters --base-from DIR`")
-            todo = [n for n in todo if kind_of(n) not in on_base]
-        elif not _trainable(store, BASE, counts):
-            if strict:
-                raise StoreError(f"the base model trains on source(s) {', '.join(adapters.public)}, "
-                                 f"which hold no items")
-            todo = [n for n in todo if kind_of(n) not in on_base]
-        else:  # a new base makes every adapter stale
-            todo = [*todo, BASE, *(n for n in want if kind_of(n) is KINDS["compartment"] and counts.get(n, 0))]
+                raise why
+            todo = [n for n in todo if not on(n)]
+        else:  # a new upstream model makes everything built on it stale
+            todo = [*todo, up, *(n for n in want if on(n) and n != up and _trainable(store, n, counts))]
     return sorted(dict.fromkeys(todo), key=order.__getitem__)
 
 

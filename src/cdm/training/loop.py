@@ -14,14 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
-from ..models.latent import load_latents
-from ..models.precision import deterministic, determinism, precision
-from ..models.text import load_encoder
-from ..store.data import to_tensor_array
-from ..store.recipes import LatentConfig, recipe_fields
+from ..models.precision import deterministic, determinism
+from ..store.recipes import recipe_fields, trains_as
 from .job import (RESUME, Progress, TrainJob, TrainResult, prune_checkpoints, stage_checkpoint, stage_seed,
                   stage_steps)
 from .kinds import KINDS
@@ -49,12 +45,10 @@ def _train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, dev
     state = _State(model, opt, ema, partial=job.adapter is not None, device=dev)
     start_stage, start_step, gen_state, resumed = state.resume(job, specs, ckpt_dir, work_dir / RESUME)
 
-    alphas = DDPMScheduler(**trainer.schedule(job)).alphas_cumprod.to(dev)
-    x_all, y_all, cond_of = _data(job, dev)
-    targets = torch.tensor(job.slices, dtype=torch.long)  # the router's classes; a denoiser's slices
+    data = trainer.data(job, dev)
+    targets = torch.tensor(job.slices, dtype=torch.long)  # a denoiser's slices (SISA stages)
     per_stage = stage_steps(cfg.steps, job.stages)
-    arith = getattr(cfg, "precision", "fp32")  # the recipe's (a router's recipe has none: fp32)
-    arith = "fp32" if arith == "auto" else arith  # unrecorded auto: what its spec says (cdm.store.recipes)
+    arith = trains_as(getattr(cfg, "precision", "fp32"))  # the recipe's (a router's or encoder's has none: fp32)
     total, done_before = sum(per_stage), sum(per_stage[:start_stage]) + start_step
     steps_run, loss_val, empty = 0, None, []
     for k in range(start_stage, job.stages):
@@ -70,13 +64,7 @@ def _train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, dev
             for g in opt.param_groups:  # linear warm-up
                 g["lr"] = cfg.lr * min(1.0, (sum(per_stage[:k]) + step + 1) / cfg.warmup)
             b = idx[torch.randint(0, len(idx), (cfg.batch_size,), generator=gen)].to(dev)
-            drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout).to(dev)  # to the null condition
-            x0, cond = x_all[b], cond_of(b, drop)
-            noise = torch.randn(x0.shape, generator=gen).to(dev)
-            t = torch.randint(0, len(alphas), (cfg.batch_size,), generator=gen).to(dev)
-            a = alphas[t].view(-1, 1, 1, 1)
-            with precision(arith, dev):  # the forward pass only; the backward follows its dtypes
-                loss = trainer.loss(model, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond, noise, targets.to(dev)[b])
+            loss = trainer.batch_loss(model, data, b, gen, job, arith, dev)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -93,16 +81,15 @@ def _train_job(job: TrainJob, out_dir: Path, ckpt_dir: Path, work_dir: Path, dev
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    DDPMScheduler(**trainer.schedule(job)).save_pretrained(out_dir)
     if ema is not None:
         ema.copy_to(params)
-    trainer.save(model, job, out_dir)
+    info = trainer.save(model, job, out_dir)
     meta = dict(name=job.name, kind=job.kind, items=len(job.hashes), spec=job.spec, seed=job.seed,
                 train=recipe_fields(cfg), num_slices=job.num_slices, null_label=job.null_label, classes=job.classes,
                 adapter=job.adapter, run=determinism(dev))
     (out_dir / "cdm.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return TrainResult(job.name, job.kind, len(job.hashes), steps_run, time.perf_counter() - t0, loss_val,
-                       resumed, job.spec, out_dir, total, _notes(per_stage, done_before, resumed, empty))
+                       resumed, job.spec, out_dir, total, _notes(per_stage, done_before, resumed, empty), info)
 
 
 def _notes(per_stage: list[int], done_before: int, resumed: str, empty: list[int]) -> tuple[str, ...]:
@@ -166,36 +153,3 @@ class _State:
                 start_stage, start_step, gen_state = r["stage"], r["step"], r["gen"]
                 resumed = f"step {start_step} of stage {start_stage}"
         return start_stage, start_step, gen_state, resumed
-
-
-def _data(job: TrainJob, dev: torch.device):
-    """The job's items as tensors: x (pixels, or a latent store's VAE latents), labels, and
-    `cond_of(batch, drop)`, the batch's condition with `drop` rows set to the null condition
-    (the null label, or the empty prompt's embedding in a text store)."""
-    if job.latent is not None and len(job.pixels):  # latent diffusion: train on the frozen VAE's latents
-        vae = load_latents(Path(job.latent_dir), LatentConfig(source=job.latent_dir, **job.latent), dev)
-        x_all = torch.cat([vae.encode(torch.from_numpy(to_tensor_array(list(job.pixels[i:i + 64]))))
-                           for i in range(0, len(job.pixels), 64)])
-    else:
-        x_all = torch.from_numpy(to_tensor_array(list(job.pixels))).to(dev) if len(job.pixels) else None
-    y_all = torch.tensor(job.labels, dtype=torch.long, device=dev)
-    if job.text_encoder is None:
-        def cond_of(b: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-            y = y_all[b].clone()
-            y[drop] = job.null_label
-            return y
-        return x_all, y_all, cond_of
-
-    # a text store: embeddings of the distinct captions (row 0: the empty prompt), checked
-    # against the encoder's digest in the spec
-    enc = load_encoder(Path(job.text_dir), job.text_encoder)
-    prompts = ["", *dict.fromkeys(c for c in job.captions if c)]
-    row = {p: i for i, p in enumerate(prompts)}
-    emb = enc.encode(prompts).to(dev)
-    caption_row = torch.tensor([row[c or ""] for c in job.captions], device=dev)
-
-    def cond_of(b: torch.Tensor, drop: torch.Tensor) -> dict:
-        rows = caption_row[b].clone()
-        rows[drop] = 0
-        return {"text": emb[rows]}
-    return x_all, y_all, cond_of
