@@ -6,7 +6,8 @@ A model is named by what it serves: a compartment's name, or the name of a kind 
 model per store (`paragon`, `router`, `base`, `encoder`), and `kind_of(name)` gives its
 `Kind`. A kind is one object here plus its training code, a trainer in
 cdm.training.trainers named by `Kind.trainer`: adding a kind is one subclass and one line in
-`KINDS`, and a trainer if none fits (`Encoder`, a text encoder trained on public data, was
+`KINDS` (and in `UPSTREAM` if others are built on it), a trainer if none fits, and its model
+name in cdm.store.registry.RESERVED (`Encoder`, a text encoder trained on public data, was
 added so). A kind built on another model says so in `needs`; the plan trains what is needed
 first, and forgetting deletes what was built on what it deletes. Its job
 (cdm.training.job.TrainJob) holds everything the model depends on; the registry records the
