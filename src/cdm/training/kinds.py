@@ -287,7 +287,7 @@ def saw(store: Store, items: list[ItemRow]) -> list[str]:
 
 
 def plan(store: Store, candidates: list[str], strict: bool = True) -> list[str]:
-    """Of the `candidates`, those to (re)train now, in training order (the base first).
+    """Of the `candidates`, those to (re)train now, in training order (upstream models first).
 
     A candidate is dropped if it is up to date or its kind cannot be trained (a compartment
     without items, a router over fewer than two). What is built on an upstream model (`UPSTREAM`:
@@ -300,7 +300,7 @@ def plan(store: Store, candidates: list[str], strict: bool = True) -> list[str]:
     want = [n for n in dict.fromkeys(candidates) if n in order]  # a dropped compartment is not
     todo = [n for n in want if _trainable(store, n, counts) and model_state(store, n) != "ready"]
     for up in UPSTREAM:
-        on = lambda n: up in kind_of(n).needs(store, n) or (n == BASE and up == BASE)  # noqa: E731
+        on = lambda n: n == up or up in kind_of(n).needs(store, n)  # noqa: E731  (itself, or built on it)
         if not any(on(n) and _trainable(store, n, counts) for n in want) or model_state(store, up) == "ready":
             continue
         why = kind_of(up).blocked(store)
