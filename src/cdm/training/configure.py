@@ -139,8 +139,7 @@ def _drop_trained_encoder(store: Store, db) -> str:
     Returns the cleanup intent to finish after the commit."""
     names = sorted(store.models())
     store.delete_records(db, [], names, [], None)
-    held = [p for n in dict.fromkeys([ENCODER, *names])
-            for p in (*store.model_versions(n), store.checkpoint_dir(n), store.work_dir(n))]
+    held = [p for n in names for p in (*store.model_versions(n), store.checkpoint_dir(n), store.work_dir(n))]
     return store.add_cleanup(db, [store.relative(p) for p in held])
 
 
